@@ -1,0 +1,1 @@
+"""Forgedit math on plain tensors and modules; never imports ComfyUI."""

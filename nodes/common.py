@@ -1,0 +1,71 @@
+"""What the Forgedit nodes share: the result type, model checks, text encoding and loading the base UNet."""
+import comfy.model_management
+import comfy.model_sampling
+import comfy.supported_models
+import torch
+from comfy_api.latest import io
+
+from ..forgedit_ops.result import ForgeditResult, fingerprint
+
+Result = io.Custom("FORGEDIT_RESULT")
+CATEGORY = "forgedit"
+
+
+def require_sd1_eps(model) -> None:
+    """Forgedit as published fine-tunes SD1.x ε-prediction UNets; anything else gets an actionable error."""
+    config = model.model.model_config
+    if not isinstance(config, comfy.supported_models.SD15) or config.unet_config.get("in_channels") != 4:
+        raise ValueError(f"Forgedit needs an SD1.x checkpoint (SD 1.4/1.5 or a fine-tune of it); this MODEL is "
+                         f"{type(config).__name__}. Load an SD1.x checkpoint with Load Checkpoint.")
+    sampling = model.get_model_object("model_sampling")
+    eps = comfy.model_sampling.EPS.calculate_denoised
+    if type(sampling).calculate_denoised is not eps or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError("Forgedit needs an ε-prediction model with the discrete SD1.x schedule; this MODEL predicts "
+                         f"{type(sampling).__name__} (v-prediction or a patched sampling). Remove ModelSamplingDiscrete "
+                         "or use an ε-prediction SD1.x checkpoint.")
+
+
+def encode_prompt(clip, text: str, name: str) -> torch.Tensor:
+    """CLIP last hidden state (1, 77, C) of a prompt that must fit one 77-token window (Forgedit §3 trains all 77)."""
+    tokens = clip.tokenize(text)
+    windows = max(len(v) for v in tokens.values())
+    if windows > 1:
+        raise ValueError(f"{name} is longer than one 77-token window ({windows} windows); Forgedit optimises a single "
+                         "77-token embedding, so shorten it to at most 75 tokens.")
+    return clip.encode_from_tokens(tokens).float()
+
+
+def target_embedding(conditioning, result: ForgeditResult) -> torch.Tensor:
+    """The (1, 77, C) target embedding e_t from a core CLIPTextEncode CONDITIONING."""
+    if not conditioning:
+        raise ValueError("target is empty: connect a CLIP Text Encode of the target prompt")
+    e = conditioning[0][0]
+    e_src = result.source_embedding
+    if len(conditioning) > 1 or e.shape[0] != 1:
+        raise ValueError("target must be one prompt from CLIP Text Encode, not a combined or batched conditioning")
+    if e.shape[-1] != e_src.shape[-1]:
+        raise ValueError(f"target embedding width {e.shape[-1]} does not match the fine-tuned result ({e_src.shape[-1]}): "
+                         "encode the target with the CLIP of the same SD1.x checkpoint")
+    if e.shape[1] != e_src.shape[1]:
+        raise ValueError(f"target prompt is longer than one 77-token window ({e.shape[1]} tokens of embedding); "
+                         "Forgedit interpolates per token, so shorten the target prompt to at most 75 tokens")
+    return e.float()
+
+
+def loaded_unet(model) -> torch.nn.Module:
+    """The diffusion model with exactly this MODEL's patches applied, fully loaded on its device."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return model.model.diffusion_model
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    return fingerprint(unet.named_parameters())
+
+
+def require_matching_base(model, result: ForgeditResult) -> None:
+    """A result only makes sense on the weights it was fine-tuned from (same checkpoint, same LoRAs applied)."""
+    expected = result.metadata.get("base_fingerprint")
+    found = unet_fingerprint(loaded_unet(model))
+    if expected != found:
+        raise ValueError(f"this fine-tuned result was trained on another base model (fingerprint {expected}, this MODEL "
+                         f"is {found}); connect the same checkpoint, with the same LoRAs, that went into Forgedit Fine-tune")

@@ -1,0 +1,103 @@
+"""Forgedit Fine-tune: joint optimisation of the source embedding and the UNet on one image (Forgedit §2-3)."""
+import logging
+import time
+
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..forgedit_ops.finetune import FinetuneConfig, joint_finetune, trainable_copy, weight_deltas
+from ..forgedit_ops.forgetting import is_trained
+from ..forgedit_ops.images import stretch_resize
+from ..forgedit_ops.result import ForgeditResult
+from ..forgedit_ops.schedule import alphas_cumprod
+from .common import CATEGORY, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
+
+
+def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneConfig, node_id=None):
+    """Run §3 on a structural copy of the MODEL's UNet; returns (deltas, e_opt, losses, base fingerprint)."""
+    unet = loaded_unet(model)
+    device = comfy.model_management.get_torch_device()
+    abar = alphas_cumprod(model.get_model_object("model_sampling").sigmas)
+    pbar = comfy.utils.ProgressBar(cfg.iterations, node_id=node_id)
+
+    def tick(step, loss):
+        pbar.update(1)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        student, params = trainable_copy(unet, is_trained, device)
+        e_opt, losses = joint_finetune(lambda x, t, c: student(x, t, c, transformer_options={}), params,
+                                       e_src.clone(), z0.clone().to(device), abar, cfg, tick)
+        deltas = weight_deltas(params, unet)
+    del student, params
+    comfy.model_management.soft_empty_cache()
+    return deltas, e_opt.cpu(), losses, unet_fingerprint(unet)
+
+
+class ForgeditFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ForgeditFinetune",
+            display_name="Forgedit Fine-tune",
+            category=CATEGORY,
+            description="Learns one image: fine-tunes the source-prompt embedding and the UNet's encoder/decoder blocks "
+                        "1-3 jointly (Forgedit §3). Train once; interpolation, forgetting and sampling re-run cheaply.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; encodes the source prompt and the empty negative."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
+                io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
+                io.String.Input("source_prompt", multiline=True, default="",
+                                tooltip="What the image shows now: the BLIP caption in the paper (Forgedit Caption), "
+                                        "or type it. At most 75 tokens."),
+                io.Int.Input("width", default=512, min=64, max=2048, step=8,
+                             tooltip="Training and editing width; the image is stretched to it (paper: 512, 768 for the "
+                                     "storytelling demo). Multiple of 8."),
+                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8."),
+                io.Int.Input("samples", default=400, min=1, max=100000,
+                             tooltip="Training samples; iterations = samples / batch_size (paper: 400 = 40 x 10)."),
+                io.Int.Input("batch_size", default=10, min=1, max=64,
+                             tooltip="Copies of the one latent per step, each with its own noise and timestep (paper: 10)."),
+                io.Float.Input("unet_lr", default=6e-5, min=0.0, max=1e-2, step=1e-6,
+                               tooltip="Adam learning rate of the UNet blocks (paper: 6e-5)."),
+                io.Float.Input("text_lr", default=1e-3, min=0.0, max=1e-1, step=1e-5,
+                               tooltip="Adam learning rate of the source embedding (paper: 1e-3)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds the training noise and timesteps. Change it to retrain on purpose; the same "
+                                     "seed and inputs reuse the cached result."),
+                io.Boolean.Input("early_stop", default=False,
+                                 tooltip="The reference's early stop: end when a batch loss falls below 0.03 after 350 samples."),
+            ],
+            outputs=[Result.Output(display_name="result")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
+                early_stop) -> io.NodeOutput:
+        require_sd1_eps(model)
+        if image.shape[0] != 1:
+            raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
+        if width % 8 or height % 8:
+            raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+        if not source_prompt.strip():
+            raise ValueError("source_prompt is empty: describe the image as it is, or connect Forgedit Caption")
+        if samples < batch_size:
+            raise ValueError(f"samples ({samples}) must be at least batch_size ({batch_size})")
+        cfg = FinetuneConfig(samples=samples, batch_size=batch_size, unet_lr=unet_lr, text_lr=text_lr, seed=seed,
+                             early_stop=early_stop)
+        e_src = encode_prompt(clip, source_prompt, "source_prompt")
+        uncond = encode_prompt(clip, "", "negative")
+        latent = vae.encode(stretch_resize(image[..., :3], width, height))
+        z0 = model.model.process_latent_in(latent).float()
+        start = time.perf_counter()
+        deltas, e_opt, losses, base = finetune_unet(model, z0, e_src, cfg, cls.hidden.unique_id)
+        seconds = time.perf_counter() - start
+        logging.info("Forgedit fine-tune: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1] if losses else float("nan"))
+        metadata = {"base_fingerprint": base, "source_prompt": source_prompt, "width": width, "height": height,
+                    "seed": seed, "samples": samples, "batch_size": batch_size, "unet_lr": unet_lr, "text_lr": text_lr,
+                    "early_stop": early_stop, "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
+        return io.NodeOutput(ForgeditResult(deltas, e_opt, uncond.cpu(), metadata))

@@ -1,0 +1,66 @@
+"""Test bed: forgedit_ops imported standalone (it never imports comfy) and a real ComfyUI imported as a library, with
+this pack loaded exactly as the server loads custom nodes."""
+import asyncio
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from find_comfyui import PACK, comfyui_path
+
+
+def _load_ops():
+    spec = importlib.util.spec_from_file_location("forgedit_ops", PACK / "forgedit_ops" / "__init__.py",
+                                                  submodule_search_locations=[str(PACK / "forgedit_ops")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["forgedit_ops"] = module
+    spec.loader.exec_module(module)
+
+
+_load_ops()
+
+
+def _import_comfyui(path: Path):
+    sys.path.insert(0, str(path))
+    import torch
+    from comfy.cli_args import args
+
+    args.cpu = not torch.cuda.is_available()
+    import utils.extra_config  # noqa: F401  before `nodes`, which puts comfy/ first on sys.path and shadows `utils`
+    import utils.install_util  # noqa: F401
+    import utils.json_util  # noqa: F401
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(PACK))), "the pack failed to import into ComfyUI (see the log above)"
+    return nodes, sys.modules[str(PACK).replace(".", "_x_")]
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's `nodes` module and this pack as ComfyUI loaded it (its nodes and its copy of forgedit_ops)."""
+    path = comfyui_path()
+    if path is None:
+        pytest.fail("No ComfyUI checkout: set COMFYUI_PATH, put this pack in ComfyUI/custom_nodes/, or check out "
+                    "ComfyUI 0.3.64 (commit a125cd84) at ~/comfy/ComfyUI. Node tests never skip.")
+    nodes, pack = _import_comfyui(path)
+    return types.SimpleNamespace(nodes=nodes, pack=pack, path=path)
+
+
+def run_node(node_id: str, **inputs):
+    """Execute a registered node as execution.py does: a locked class clone with hidden inputs, under inference mode."""
+    import nodes
+    import torch
+    from comfy_api.internal import make_locked_method_func
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    if hasattr(cls, "VALIDATE_CLASS"):
+        cls.VALIDATE_CLASS()
+        f = make_locked_method_func(cls, "EXECUTE_NORMALIZED", cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": "1"}))
+    else:
+        f = getattr(cls(), cls.FUNCTION)
+    with torch.inference_mode():
+        out = f(**inputs)
+    return out.result if hasattr(out, "result") else out
