@@ -19,12 +19,12 @@ class ForgeditResult:
 
 @torch.no_grad()
 def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], samples: int = 64) -> str:
-    """Identity of a set of weights: names, shapes and `samples` strided values of every tensor (rounded to bf16, so
-    fp32, fp16 and bf16 loads of one checkpoint agree), hashed with SHA-256."""
+    """Identity of a set of weights: names, shapes and `samples` strided values of every tensor, rounded to fp16 so
+    fp32 and fp16 loads of one checkpoint agree, hashed with SHA-256."""
     h = hashlib.sha256()
     for name, t in named_tensors:
         flat = t.detach().reshape(-1)
         picked = flat[:: max(1, flat.numel() // samples)][:samples]
         h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(picked.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        h.update(picked.half().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

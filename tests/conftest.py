@@ -64,3 +64,38 @@ def run_node(node_id: str, **inputs):
     with torch.inference_mode():
         out = f(**inputs)
     return out.result if hasattr(out, "result") else out
+
+
+@pytest.fixture(scope="session")
+def tiny(comfy):
+    """Tiny SD1.5-layout MODEL / CLIP / VAE, built under inference mode like a loader node inside a prompt."""
+    import torch
+    from tiny_sd15 import test_image, tiny_clip, tiny_model, tiny_vae
+
+    with torch.inference_mode():
+        objects = {"model": tiny_model(), "clip": tiny_clip(), "vae": tiny_vae()}
+    objects["image"] = test_image()
+    objects["base"] = {k: v.clone() for k, v in objects["model"].model.diffusion_model.state_dict().items()}
+    return objects
+
+
+FINETUNE = dict(source_prompt="a red disc on a blue gradient", width=64, height=64, samples=8, batch_size=4,
+                unet_lr=1e-3, text_lr=1e-2, seed=0, early_stop=False)
+
+
+@pytest.fixture(scope="session")
+def finetuned(tiny):
+    """A short fine-tune of the tiny model through the node (large learning rates so the deltas are visible)."""
+    result, = run_node("ForgeditFinetune", model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"],
+                       **FINETUNE)
+    return result
+
+
+def assert_base_untouched(tiny):
+    """The shared base weights, once no patched clone is loaded, are bit-identical to the snapshot."""
+    import comfy.model_management
+    import torch
+
+    comfy.model_management.unload_all_models()
+    now = tiny["model"].model.diffusion_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in tiny["base"].items())

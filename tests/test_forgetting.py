@@ -1,0 +1,76 @@
+"""Forgetting sets on the full SD1.5 UNet topology (shapes only) and the degree c on a real ComfyUI MODEL."""
+import pytest
+import torch
+from conftest import run_node
+from forgedit_ops.forgetting import STRATEGIES, forget_rule, is_trained
+
+# Forgedit spec §5 / parity notes §4: reset and kept parameters (millions) and tensors per strategy, SD1.5.
+TABLE = {
+    "donotforget": (0.0, 587.6426, 0, 518),
+    "encoderkv": (233.1898, 354.4528, 164, 354),
+    "noencoder": (239.0880, 348.5546, 172, 346),
+    "encoderattn": (208.6061, 379.0365, 132, 386),
+    "encoderattn+encoder1": (178.6714, 408.9712, 76, 442),
+    "decoderkv": (338.2326, 249.4099, 328, 190),
+    "decoderattn": (299.5120, 288.1306, 256, 262),
+    "decoderattn+decoder2": (238.4246, 349.2179, 170, 348),
+}
+
+
+@pytest.fixture(scope="module")
+def sd15_shapes(comfy):
+    import comfy.ops
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from tiny_sd15 import sd15_unet_config
+
+    config = comfy.supported_models.SD15(sd15_unet_config(320, 768))
+    unet = UNetModel(**config.unet_config, device="meta", operations=comfy.ops.disable_weight_init)
+    return {k: v.numel() for k, v in unet.state_dict().items()}
+
+
+def test_trained_set_is_518_tensors_587m(sd15_shapes):
+    assert len(sd15_shapes) == 686 and round(sum(sd15_shapes.values()) / 1e6, 4) == 859.5210
+    trained = {k: n for k, n in sd15_shapes.items() if is_trained(k)}
+    assert len(trained) == 518 and round(sum(trained.values()) / 1e6, 4) == 587.6426
+
+
+@pytest.mark.parametrize("strategy", TABLE)
+def test_strategy_counts_match_the_spec(sd15_shapes, strategy):
+    rule = forget_rule(strategy)
+    trained = {k: n for k, n in sd15_shapes.items() if is_trained(k)}
+    reset = {k: n for k, n in trained.items() if rule(k)}
+    kept = {k: n for k, n in trained.items() if not rule(k)}
+    got = (round(sum(reset.values()) / 1e6, 4), round(sum(kept.values()) / 1e6, 4), len(reset), len(kept))
+    assert got == TABLE[strategy]
+    assert not any(rule(k) for k in sd15_shapes if not is_trained(k))
+
+
+def test_encoderkv_keeps_exactly_the_encoder_cross_attention_kv(sd15_shapes):
+    rule = forget_rule("encoderkv")
+    kept_encoder = sorted(k for k in sd15_shapes if is_trained(k) and k.startswith("input_blocks.") and not rule(k))
+    assert kept_encoder == sorted(f"input_blocks.{b}.1.transformer_blocks.0.attn2.{p}.weight"
+                                  for b in (4, 5, 7, 8) for p in ("to_k", "to_v"))
+
+
+def test_all_strategies_are_tabled():
+    assert set(STRATEGIES) == set(TABLE)
+
+
+@pytest.mark.parametrize("degree", [0.0, 0.25, 1.0])
+def test_forget_degree_interpolates_exactly(comfy, tiny, finetuned, degree):
+    import comfy.model_management
+
+    model = tiny["model"]
+    rule = forget_rule("decoderattn")
+    edited, = run_node("ForgeditForget", model=model, result=finetuned, strategy="decoderattn", degree=degree)
+    comfy.model_management.load_models_gpu([edited], force_full_load=True)
+    merged = {k: v.clone() for k, v in edited.model.diffusion_model.state_dict().items()}
+    comfy.model_management.unload_all_models()
+    base = model.model.diffusion_model.state_dict()
+    for key, delta in finetuned.deltas.items():
+        c = degree if rule(key) else 1.0
+        assert torch.equal(merged[key], base[key] + c * delta) if c else torch.equal(merged[key], base[key])
+        learned = base[key] + delta
+        assert torch.allclose(merged[key], c * learned + (1 - c) * base[key], atol=1e-6)
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in finetuned.deltas)
