@@ -38,15 +38,17 @@ def _import_comfyui(path: Path):
     return nodes, sys.modules[str(PACK).replace(".", "_x_")]
 
 
+_COMFYUI = comfyui_path()
+if _COMFYUI is None:
+    raise pytest.UsageError("No ComfyUI checkout: set COMFYUI_PATH, put this pack in ComfyUI/custom_nodes/, or check out "
+                            "ComfyUI 0.3.64 (commit a125cd84) at ~/comfy/ComfyUI. The node tests never skip.")
+_NODES, _PACK = _import_comfyui(_COMFYUI)
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's `nodes` module and this pack as ComfyUI loaded it (its nodes and its copy of forgedit_ops)."""
-    path = comfyui_path()
-    if path is None:
-        pytest.fail("No ComfyUI checkout: set COMFYUI_PATH, put this pack in ComfyUI/custom_nodes/, or check out "
-                    "ComfyUI 0.3.64 (commit a125cd84) at ~/comfy/ComfyUI. Node tests never skip.")
-    nodes, pack = _import_comfyui(path)
-    return types.SimpleNamespace(nodes=nodes, pack=pack, path=path)
+    return types.SimpleNamespace(nodes=_NODES, pack=_PACK, path=_COMFYUI)
 
 
 def run_node(node_id: str, **inputs):
@@ -70,11 +72,11 @@ def run_node(node_id: str, **inputs):
 def tiny(comfy):
     """Tiny SD1.5-layout MODEL / CLIP / VAE, built under inference mode like a loader node inside a prompt."""
     import torch
-    from tiny_sd15 import test_image, tiny_clip, tiny_model, tiny_vae
+    from tiny_sd15 import sample_image, tiny_clip, tiny_model, tiny_vae
 
     with torch.inference_mode():
         objects = {"model": tiny_model(), "clip": tiny_clip(), "vae": tiny_vae()}
-    objects["image"] = test_image()
+    objects["image"] = sample_image()
     objects["base"] = {k: v.clone() for k, v in objects["model"].model.diffusion_model.state_dict().items()}
     return objects
 

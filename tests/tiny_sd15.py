@@ -63,7 +63,7 @@ def tiny_vae(seed: int = 2):
     return comfy.sd.VAE(sd=sd, config={"params": params})
 
 
-def test_image(width: int = 64, height: int = 64, seed: int = 3) -> torch.Tensor:
+def sample_image(width: int = 64, height: int = 64, seed: int = 3) -> torch.Tensor:
     """A smooth, structured (1, H, W, 3) picture in [0, 1]: a bright disc on a gradient."""
     y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
     disc = ((x - 0.2) ** 2 + (y + 0.1) ** 2 < 0.25).float()
