@@ -1,7 +1,8 @@
 """Joint vision-language optimisation: the source embedding and a UNet subset fine-tuned together (Forgedit §3)."""
 import copy
+import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,29 +19,68 @@ class FinetuneConfig:
     early_stop: bool = False
     early_stop_loss: float = 0.03
     early_stop_after: int = 350
+    precision: str = "fp32"
+    micro_batch: int = 0
+    fused_step: bool = False
+    checkpointing: bool = False
 
     @property
     def iterations(self) -> int:
         return self.samples // self.batch_size
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
-def trainable_copy(module: nn.Module, is_trained: Callable[[str], bool], device) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    """A structural copy of `module` for training: trained tensors become fp32 master parameters, frozen ones plain fp32
-    tensors, all on `device`. `module` is left untouched and its (possibly inference-mode) tensors are never saved."""
+
+PRESETS = ("auto", "exact", "fast", "low memory")
+
+
+def preset_options(preset: str, device_type: str, bf16: bool, free_memory: float, need_fast: float) -> dict:
+    """Training options of a preset. exact: the reference's fp32. fast: autocast to bf16 (fp16 on GPUs without bf16)
+    with fp32 masters. low memory: fast + gradient checkpointing + the fused Adam step. auto: fast on the CPU or when
+    free memory covers `need_fast` bytes, else low memory."""
+    low = "bf16" if bf16 else ("fp16" if device_type == "cuda" else "fp32")
+    if preset == "auto":
+        preset = "fast" if device_type == "cpu" or free_memory >= need_fast else "low memory"
+    options = {"exact": dict(precision="fp32"), "fast": dict(precision=low),
+               "low memory": dict(precision=low, checkpointing=True, fused_step=True)}
+    if preset not in options:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return options[preset]
+
+
+# fp16 gradients underflow without loss scaling. Adam is invariant to a constant gradient scale S once its ε is scaled by
+# S too, so a fixed scale with ε·S is exactly plain Adam (no unscaling, no dynamic scaler).
+LOSS_SCALE = {"fp32": 1.0, "bf16": 1.0, "fp16": 1024.0}
+
+
+def trainable_copy(module: nn.Module, is_trained: Callable[[str], bool], device,
+                   frozen_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """A structural copy of `module` for training: trained tensors become fp32 master parameters, frozen matrices and
+    kernels plain tensors in `frozen_dtype` (norm weights and biases stay fp32: CPU norms reject mixed dtypes), all on
+    `device`. `module` is left untouched and its (possibly inference-mode) tensors are never saved for backward."""
     memo, params = {}, {}
     for name, p in module.named_parameters():
-        fresh = nn.Parameter(_plain(p, device), requires_grad=is_trained(name))
+        trained = is_trained(name)
+        dtype = frozen_dtype if not trained and p.dim() > 1 else torch.float32
+        fresh = nn.Parameter(_plain(p, device, dtype), requires_grad=trained)
         memo[id(p)] = fresh
-        if fresh.requires_grad:
+        if trained:
             params[name] = fresh
     for b in module.buffers():
-        memo[id(b)] = _plain(b, device)
+        memo[id(b)] = _plain(b, device, frozen_dtype)
     return copy.deepcopy(module, memo), params
 
 
-def _plain(t: torch.Tensor, device) -> torch.Tensor:
-    dtype = torch.float32 if t.is_floating_point() else t.dtype
-    return t.detach().to(device, dtype, copy=True)
+def _plain(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(device, dtype if t.is_floating_point() else t.dtype, copy=True)
+
+
+def checkpoint_modules(modules: Iterable[nn.Module]) -> None:
+    """Gradient checkpointing: each module keeps only its inputs and recomputes its activations during backward."""
+    for m in modules:
+        m.forward = functools.partial(torch.utils.checkpoint.checkpoint, m.forward, use_reentrant=False)
 
 
 def draw_noise_and_timesteps(generator: torch.Generator, batch: int, shape, train_steps: int = 1000):
@@ -56,30 +96,66 @@ def q_sample(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> tor
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
+def adam(groups: list[dict], eps: float, fused_step: bool):
+    """Adam over the parameter groups. fused_step: one Adam per tensor, stepped as soon as its gradient is complete and
+    the gradient freed, so no full-model gradient buffer exists (same mathematics: Adam is element-wise)."""
+    if not fused_step:
+        return torch.optim.Adam(groups, eps=eps)
+    for group in groups:
+        for p in group["params"]:
+            single = torch.optim.Adam([p], lr=group["lr"], eps=eps)
+            p.register_post_accumulate_grad_hook(functools.partial(_step_and_free, single))
+    return None
+
+
+def _step_and_free(opt: torch.optim.Optimizer, p: torch.Tensor) -> None:
+    opt.step()
+    p.grad = None
+
+
+def early_stop(cfg: FinetuneConfig, step: int, loss: float) -> bool:
+    """The reference's stop, checked before the batch is applied: loss below 0.03 once past 350 samples."""
+    return cfg.early_stop and step * cfg.batch_size > cfg.early_stop_after and loss < cfg.early_stop_loss
+
+
 def joint_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_src: torch.Tensor, z0: torch.Tensor,
                    alphas_cumprod: torch.Tensor, cfg: FinetuneConfig,
                    callback: Optional[Callable[[int, float], None]] = None) -> tuple[torch.Tensor, list[float]]:
     """Forgedit §3: one Adam, UNet subset at unet_lr and e_src at text_lr; each step B copies of the one latent z0
-    with their own noise and timestep, ε-MSE loss. Returns the optimised embedding and the loss per applied step."""
+    with their own noise and timestep, ε-MSE loss. Returns the optimised embedding and the loss per applied step.
+    Micro-batches accumulate the same gradient as the whole batch; compute runs under autocast in cfg.precision."""
     device = z0.device
     e_opt = nn.Parameter(e_src.detach().to(device, torch.float32, copy=True))
-    opt = torch.optim.Adam([{"params": list(params.values()), "lr": cfg.unet_lr}, {"params": [e_opt], "lr": cfg.text_lr}])
+    scale = LOSS_SCALE[cfg.precision]
+    micro = cfg.micro_batch or cfg.batch_size
+    if cfg.fused_step and micro < cfg.batch_size:
+        raise ValueError("fused_step needs the whole batch in one backward pass (micro_batch 0)")
+    opt = adam([{"params": list(params.values()), "lr": cfg.unet_lr}, {"params": [e_opt], "lr": cfg.text_lr}],
+               1e-8 * scale, cfg.fused_step)
     generator = torch.Generator().manual_seed(cfg.seed)
     abar = alphas_cumprod.to(device, torch.float32)
+    autocast = torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.precision != "fp32")
     losses = []
     for step in range(cfg.iterations):
         noise, t = draw_noise_and_timesteps(generator, cfg.batch_size, z0.shape[1:], len(abar))
         noise, t = noise.to(device), t.to(device)
-        eps = eps_model(q_sample(z0, noise, abar[t]), t, e_opt.expand(cfg.batch_size, -1, -1))
-        loss = F.mse_loss(eps.float(), noise)
-        if cfg.early_stop and step * cfg.batch_size > cfg.early_stop_after and loss.item() < cfg.early_stop_loss:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        x_t = q_sample(z0, noise, abar[t])
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for i in range(0, cfg.batch_size, micro):
+            with autocast:
+                eps = eps_model(x_t[i:i + micro], t[i:i + micro], e_opt.expand(len(t[i:i + micro]), -1, -1))
+            part = F.mse_loss(eps.float(), noise[i:i + micro], reduction="sum") / noise.numel()
+            loss += part.item()
+            if i + micro >= cfg.batch_size and early_stop(cfg, step, loss):
+                return e_opt.detach(), losses
+            (part * scale).backward()
+        if opt is not None:
+            opt.step()
+        losses.append(loss)
         if callback is not None:
-            callback(step, losses[-1])
+            callback(step, loss)
     return e_opt.detach(), losses
 
 

@@ -2,17 +2,29 @@
 import logging
 import time
 
+import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..forgedit_ops.finetune import FinetuneConfig, joint_finetune, trainable_copy, weight_deltas
+from ..forgedit_ops.finetune import (PRESETS, FinetuneConfig, checkpoint_modules, joint_finetune, preset_options,
+                                     trainable_copy, weight_deltas)
 from ..forgedit_ops.forgetting import is_trained
 from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
 from .common import CATEGORY, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
+
+
+# Training always uses PyTorch SDPA: it has a backward on every device (sage/flash inference kernels may not).
+SDPA = {"optimized_attention_override": lambda func, *args, **kwargs: comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)}
+BYTES_FOR_FAST = 24 * 1024**3
+
+
+def training_options(preset: str, device) -> dict:
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return preset_options(preset, device.type, bf16, comfy.model_management.get_free_memory(device), BYTES_FOR_FAST)
 
 
 def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneConfig, node_id=None):
@@ -27,8 +39,11 @@ def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneCon
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     with torch.inference_mode(False), torch.enable_grad():
-        student, params = trainable_copy(unet, is_trained, device)
-        e_opt, losses = joint_finetune(lambda x, t, c: student(x, t, c, transformer_options={}), params,
+        student, params = trainable_copy(unet, is_trained, device, cfg.compute_dtype)
+        if cfg.checkpointing:
+            checkpoint_modules(layer for blocks in (student.input_blocks, [student.middle_block], student.output_blocks)
+                               for block in blocks for layer in block)
+        e_opt, losses = joint_finetune(lambda x, t, c: student(x, t, c, transformer_options=dict(SDPA)), params,
                                        e_src.clone(), z0.clone().to(device), abar, cfg, tick)
         deltas = weight_deltas(params, unet)
     del student, params
@@ -70,6 +85,11 @@ class ForgeditFinetune(io.ComfyNode):
                                      "seed and inputs reuse the cached result."),
                 io.Boolean.Input("early_stop", default=False,
                                  tooltip="The reference's early stop: end when a batch loss falls below 0.03 after 350 samples."),
+                io.Combo.Input("preset", options=list(PRESETS), default="auto", optional=True,
+                               tooltip="exact: fp32 like the reference (bit-for-bit parity). fast: bf16 autocast with fp32 "
+                                       "master weights (fp16 on GPUs without bf16). low memory: fast + gradient "
+                                       "checkpointing + per-tensor Adam steps (no gradient buffer). auto: fast when "
+                                       "memory allows, else low memory."),
             ],
             outputs=[Result.Output(display_name="result")],
             hidden=[io.Hidden.unique_id],
@@ -77,7 +97,7 @@ class ForgeditFinetune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
-                early_stop) -> io.NodeOutput:
+                early_stop, preset="auto") -> io.NodeOutput:
         require_sd1_eps(model)
         if image.shape[0] != 1:
             raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
@@ -88,7 +108,8 @@ class ForgeditFinetune(io.ComfyNode):
         if samples < batch_size:
             raise ValueError(f"samples ({samples}) must be at least batch_size ({batch_size})")
         cfg = FinetuneConfig(samples=samples, batch_size=batch_size, unet_lr=unet_lr, text_lr=text_lr, seed=seed,
-                             early_stop=early_stop)
+                             early_stop=early_stop,
+                             **training_options(preset, comfy.model_management.get_torch_device()))
         e_src = encode_prompt(clip, source_prompt, "source_prompt")
         uncond = encode_prompt(clip, "", "negative")
         latent = vae.encode(stretch_resize(image[..., :3], width, height))
@@ -99,5 +120,6 @@ class ForgeditFinetune(io.ComfyNode):
         logging.info("Forgedit fine-tune: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1] if losses else float("nan"))
         metadata = {"base_fingerprint": base, "source_prompt": source_prompt, "width": width, "height": height,
                     "seed": seed, "samples": samples, "batch_size": batch_size, "unet_lr": unet_lr, "text_lr": text_lr,
-                    "early_stop": early_stop, "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
+                    "early_stop": early_stop, "preset": preset, "precision": cfg.precision, "steps": len(losses),
+                    "losses": losses, "seconds": round(seconds, 2)}
         return io.NodeOutput(ForgeditResult(deltas, e_opt, uncond.cpu(), metadata))
