@@ -22,6 +22,7 @@ class FinetuneConfig:
     precision: str = "fp32"
     micro_batch: int = 0
     fused_step: bool = False
+    moments: str = "fp32"
     checkpointing: bool = False
 
     @property
@@ -38,13 +39,13 @@ PRESETS = ("auto", "exact", "fast", "low memory")
 
 def preset_options(preset: str, device_type: str, bf16: bool, free_memory: float, need_fast: float) -> dict:
     """Training options of a preset. exact: the reference's fp32. fast: autocast to bf16 (fp16 on GPUs without bf16)
-    with fp32 masters. low memory: fast + gradient checkpointing + the fused Adam step. auto: fast on the CPU or when
-    free memory covers `need_fast` bytes, else low memory."""
+    with fp32 masters. low memory: fast + gradient checkpointing + the fused Adam step with bf16 moments. auto: fast on
+    the CPU or when free memory covers `need_fast` bytes, else low memory."""
     low = "bf16" if bf16 else ("fp16" if device_type == "cuda" else "fp32")
     if preset == "auto":
         preset = "fast" if device_type == "cpu" or free_memory >= need_fast else "low memory"
     options = {"exact": dict(precision="fp32"), "fast": dict(precision=low),
-               "low memory": dict(precision=low, checkpointing=True, fused_step=True)}
+               "low memory": dict(precision=low, checkpointing=True, fused_step=True, moments="bf16")}
     if preset not in options:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return options[preset]
@@ -96,21 +97,38 @@ def q_sample(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> tor
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
-def adam(groups: list[dict], eps: float, fused_step: bool):
-    """Adam over the parameter groups. fused_step: one Adam per tensor, stepped as soon as its gradient is complete and
-    the gradient freed, so no full-model gradient buffer exists (same mathematics: Adam is element-wise)."""
+class TensorAdam:
+    """Adam (Kingma & Ba 2015, Alg. 1) on one tensor, moments stored in `dtype` and updated in fp32."""
+
+    def __init__(self, p: torch.Tensor, lr: float, eps: float, dtype: torch.dtype, betas=(0.9, 0.999)):
+        self.lr, self.eps, self.betas, self.t = lr, eps, betas, 0
+        self.m, self.v = torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)
+
+    @torch.no_grad()
+    def __call__(self, p: torch.Tensor) -> None:
+        """Step with p.grad, then free it."""
+        b1, b2 = self.betas
+        self.t += 1
+        m = self.m.float().lerp_(p.grad, 1 - b1)
+        v = self.v.float().mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        self.m.copy_(m)
+        self.v.copy_(v)
+        p.addcdiv_(m, (v / (1 - b2**self.t)).sqrt_().add_(self.eps), value=-self.lr / (1 - b1**self.t))
+        p.grad = None
+
+
+def adam(groups: list[dict], eps: float, fused_step: bool, moments: str):
+    """Adam over the parameter groups. fused_step: each tensor steps as soon as its gradient is complete and the
+    gradient is freed, so no full-model gradient buffer exists (Adam is element-wise: the same mathematics)."""
     if not fused_step:
+        if moments != "fp32":
+            raise ValueError("reduced-precision Adam moments need fused_step")
         return torch.optim.Adam(groups, eps=eps)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[moments]
     for group in groups:
         for p in group["params"]:
-            single = torch.optim.Adam([p], lr=group["lr"], eps=eps)
-            p.register_post_accumulate_grad_hook(functools.partial(_step_and_free, single))
+            p.register_post_accumulate_grad_hook(TensorAdam(p, group["lr"], eps, dtype))
     return None
-
-
-def _step_and_free(opt: torch.optim.Optimizer, p: torch.Tensor) -> None:
-    opt.step()
-    p.grad = None
 
 
 def early_stop(cfg: FinetuneConfig, step: int, loss: float) -> bool:
@@ -131,7 +149,7 @@ def joint_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_src: 
     if cfg.fused_step and micro < cfg.batch_size:
         raise ValueError("fused_step needs the whole batch in one backward pass (micro_batch 0)")
     opt = adam([{"params": list(params.values()), "lr": cfg.unet_lr}, {"params": [e_opt], "lr": cfg.text_lr}],
-               1e-8 * scale, cfg.fused_step)
+               1e-8 * scale, cfg.fused_step, cfg.moments)
     generator = torch.Generator().manual_seed(cfg.seed)
     abar = alphas_cumprod.to(device, torch.float32)
     autocast = torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.precision != "fp32")

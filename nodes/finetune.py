@@ -27,7 +27,7 @@ def training_options(preset: str, device) -> dict:
     return preset_options(preset, device.type, bf16, comfy.model_management.get_free_memory(device), BYTES_FOR_FAST)
 
 
-def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneConfig, node_id=None):
+def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneConfig, node_id=None, callback=None):
     """Run §3 on a structural copy of the MODEL's UNet; returns (deltas, e_opt, losses, base fingerprint)."""
     unet = loaded_unet(model)
     device = comfy.model_management.get_torch_device()
@@ -37,6 +37,8 @@ def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneCon
     def tick(step, loss):
         pbar.update(1)
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if callback is not None:
+            callback(step, loss)
 
     with torch.inference_mode(False), torch.enable_grad():
         student, params = trainable_copy(unet, is_trained, device, cfg.compute_dtype)

@@ -61,10 +61,11 @@ def test_presets_stay_within_tolerance_of_fp32(w64, by_preset, preset):
     assert ours.metadata["losses"] == pytest.approx(exact.metadata["losses"], rel=1e-2)
 
 
-def test_low_memory_computes_what_fast_computes(w64, by_preset):
+def test_low_memory_differs_from_fast_only_by_its_bf16_adam_moments(w64, by_preset):
     fast, low = by_preset["fast"], by_preset["low memory"]
-    assert all(torch.allclose(low.deltas[k], d, atol=1e-9) for k, d in fast.deltas.items())
-    assert torch.allclose(low.source_embedding, fast.source_embedding, atol=1e-7)
+    context = fast.source_embedding
+    assert rel(eps_after(w64[0], low, context), eps_after(w64[0], fast, context)) < 0.01
+    assert (low.source_embedding - fast.source_embedding).abs().max() < 1e-3
 
 
 def test_micro_batches_and_fused_step_are_the_same_mathematics(w64):
@@ -84,8 +85,8 @@ def test_micro_batches_and_fused_step_are_the_same_mathematics(w64):
             return student(PROBE[0], PROBE[1], e.expand(4, -1, -1), transformer_options={}), e, losses
 
     whole, micro, fused = train(), train(micro_batch=1), train(fused_step=True)
-    assert rel(micro[0], whole[0]) < 2e-5 and (micro[1] - whole[1]).abs().max() < 1e-5
-    assert micro[2] == pytest.approx(whole[2], rel=1e-5)
-    assert torch.equal(fused[0], whole[0]) and torch.equal(fused[1], whole[1])
+    for same in (micro, fused):
+        assert rel(same[0], whole[0]) < 2e-5 and (same[1] - whole[1]).abs().max() < 1e-5
+        assert same[2] == pytest.approx(whole[2], rel=1e-5)
     with pytest.raises(ValueError, match="fused_step needs the whole batch"):
         train(micro_batch=2, fused_step=True)
