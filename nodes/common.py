@@ -1,4 +1,6 @@
 """What the Forgedit nodes share: the result type, model checks, text encoding and loading the base UNet."""
+import logging
+
 import comfy.model_management
 import comfy.model_sampling
 import comfy.supported_models
@@ -66,6 +68,10 @@ def require_matching_base(model, result: ForgeditResult) -> None:
     """A result only makes sense on the weights it was fine-tuned from (same checkpoint, same LoRAs applied)."""
     expected = result.metadata.get("base_fingerprint")
     found = unet_fingerprint(loaded_unet(model))
-    if expected != found:
+    if expected != found and result.metadata.get("ignore_base_mismatch"):
+        logging.warning("Forgedit: applying a result trained on another base model (fingerprint %s, this MODEL is %s) "
+                        "because Forgedit Load has ignore_base_mismatch on", expected, found)
+    elif expected != found:
         raise ValueError(f"this fine-tuned result was trained on another base model (fingerprint {expected}, this MODEL "
-                         f"is {found}); connect the same checkpoint, with the same LoRAs, that went into Forgedit Fine-tune")
+                         f"is {found}); connect the same checkpoint, with the same LoRAs, that went into Forgedit Fine-tune (or "
+                         "turn on ignore_base_mismatch in Forgedit Load to apply it anyway)")

@@ -15,6 +15,7 @@ from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
 from .common import CATEGORY, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
+from .storage import finetune_cache_key, load_cached, store_cached
 
 
 # Training always uses PyTorch SDPA: it has a backward on every device (sage/flash inference kernels may not).
@@ -92,6 +93,10 @@ class ForgeditFinetune(io.ComfyNode):
                                        "master weights (fp16 on GPUs without bf16). low memory: fast + gradient "
                                        "checkpointing + per-tensor Adam steps (no gradient buffer). auto: fast when "
                                        "memory allows, else low memory."),
+                io.Boolean.Input("disk_cache", default=False, optional=True,
+                                 tooltip="Keep the result in models/forgedit/cache (fp32, 2.35 GB for SD1.5) and reuse it when "
+                                         "image, prompts, settings, seed and models are the same: survives restarts and "
+                                         "--cache-none. Change the seed to retrain on purpose."),
             ],
             outputs=[Result.Output(display_name="result")],
             hidden=[io.Hidden.unique_id],
@@ -99,7 +104,8 @@ class ForgeditFinetune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
-                early_stop, preset="auto") -> io.NodeOutput:
+                early_stop, preset="auto", disk_cache=False) -> io.NodeOutput:
+        settings = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool)) and k != "disk_cache"}
         require_sd1_eps(model)
         if image.shape[0] != 1:
             raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
@@ -114,8 +120,12 @@ class ForgeditFinetune(io.ComfyNode):
                              **training_options(preset, comfy.model_management.get_torch_device()))
         e_src = encode_prompt(clip, source_prompt, "source_prompt")
         uncond = encode_prompt(clip, "", "negative")
-        latent = vae.encode(stretch_resize(image[..., :3], width, height))
+        image = stretch_resize(image[..., :3], width, height)
+        latent = vae.encode(image)
         z0 = model.model.process_latent_in(latent).float()
+        key = disk_cache and finetune_cache_key(model, {**settings, **vars(cfg)}, image, z0, e_src)
+        if key and (cached := load_cached(key)):
+            return io.NodeOutput(cached)
         start = time.perf_counter()
         deltas, e_opt, losses, base = finetune_unet(model, z0, e_src, cfg, cls.hidden.unique_id)
         seconds = time.perf_counter() - start
@@ -124,4 +134,7 @@ class ForgeditFinetune(io.ComfyNode):
                     "seed": seed, "samples": samples, "batch_size": batch_size, "unet_lr": unet_lr, "text_lr": text_lr,
                     "early_stop": early_stop, "preset": preset, "precision": cfg.precision, "steps": len(losses),
                     "losses": losses, "seconds": round(seconds, 2)}
-        return io.NodeOutput(ForgeditResult(deltas, e_opt, uncond.cpu(), metadata))
+        result = ForgeditResult(deltas, e_opt, uncond.cpu(), metadata)
+        if key:
+            store_cached(key, result)
+        return io.NodeOutput(result)
