@@ -9,30 +9,14 @@ is that process's peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU.
 import argparse
 import copy
 import json
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import SIZES, comfy_model, device_name, diffusers_unet, peak_mb, reference_trained, sync
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-# block_out_channels, cross-attention width. shallow: the SD1.5 block layout with 320 channels at every level.
-SIZES = {"tiny": ((32, 64, 128, 128), 32), "shallow": ((320,) * 4, 768), "full": ((320, 640, 1280, 1280), 768)}
 BATCH, SAMPLES = 10, 400
-
-
-def diffusers_unet(size: str):
-    from diffusers import UNet2DConditionModel
-
-    channels, context = SIZES[size]
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=channels, layers_per_block=2, cross_attention_dim=context, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32, flip_sin_to_cos=True,
-        freq_shift=0, use_linear_projection=False)
 
 
 def inputs(size: str, resolution: int, device):
@@ -48,8 +32,7 @@ def reference(args, device) -> list[float]:
     unet = diffusers_unet(args.size).to(device)
     unet_orig = copy.deepcopy(unet)  # the reference keeps the pretrained UNet for forgetting
     unet.requires_grad_(False)
-    trained = [p for n, p in unet.named_parameters()
-               if ("down_blocks" in n and "down_blocks.0" not in n) or ("up_blocks" in n and "up_blocks.0" not in n)]
+    trained = [p for n, p in unet.named_parameters() if reference_trained(n)]
     for p in trained:
         p.requires_grad_(True)
     z0, e = inputs(args.size, args.resolution, device)
@@ -68,7 +51,7 @@ def reference(args, device) -> list[float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss.item()
+        sync(device)
         times.append(time.perf_counter() - start)
     del unet_orig
     return times
@@ -76,23 +59,11 @@ def reference(args, device) -> list[float]:
 
 def ours(args, device) -> list[float]:
     """The Forgedit Fine-tune node's training function on a ComfyUI MODEL holding the same weights."""
-    sys.path.insert(0, str(TESTS))
-    import conftest  # imports ComfyUI as a library and loads this pack as the server does
+    import conftest
 
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    import comfy.utils
-    from tiny_sd15 import sd15_unet_config
 
-    channels, context = SIZES[args.size]
-    config = comfy.supported_models.SD15(sd15_unet_config(channels[0], context) | {"channel_mult": [c // channels[0] for c in channels]})
-    config.set_inference_dtype(comfy.model_management.unet_dtype(), None)
-    with torch.inference_mode():
-        base = config.get_model({}, "", device=torch.device("cpu"))
-        to_ldm = comfy.utils.unet_to_diffusers(config.unet_config)
-        base.diffusion_model.load_state_dict({to_ldm[k]: v for k, v in diffusers_unet(args.size).state_dict().items()})
-    model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+    model, _ = comfy_model(args.size, diffusers_unet(args.size), comfy.model_management.unet_dtype())
     finetune = conftest._PACK.nodes.finetune
     options = finetune.training_options(args.preset, device)
     cfg = conftest._PACK.forgedit_ops.finetune.FinetuneConfig(samples=(args.warmup + args.iterations) * BATCH, **options)
@@ -106,10 +77,8 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     times = (reference if args.role == "reference" else ours)(args, device)
     timed = times[args.warmup:]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"seconds_per_400_samples": round(sum(timed) / len(timed) * SAMPLES / BATCH, 2), "peak_mb": round(peak),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    return {"seconds_per_400_samples": round(sum(timed) / len(timed) * SAMPLES / BATCH, 2),
+            "peak_mb": round(peak_mb(device)), "device": device_name(device)}
 
 
 def main():
