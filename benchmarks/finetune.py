@@ -81,6 +81,17 @@ def measure(args) -> dict:
             "peak_mb": round(peak_mb(device)), "device": device_name(device)}
 
 
+def ratio(a: dict, b: dict, key: str):
+    return round(a[key] / b[key], 2) if key in a and key in b else None
+
+
+def failure(out: subprocess.CompletedProcess) -> str:
+    """Why a side's process failed; SIGKILL on Linux is most often the out-of-memory killer."""
+    if out.returncode == -9:
+        return "killed (SIGKILL: out of memory?)"
+    return f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="tiny")
@@ -97,19 +108,20 @@ def main():
     runs = {}
     for role in ("reference", "ours"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--role", role], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"the {role} run failed:\n{out.stderr[-3000:]}")
-        runs[role] = json.loads(out.stdout.strip().splitlines()[-1])
-    report = {"device": runs["ours"].pop("device"), "size": args.size, "resolution": args.resolution, "preset": args.preset,
-              "ours": runs["ours"], "reference": {k: v for k, v in runs["reference"].items() if k != "device"},
-              "speedup": round(runs["reference"]["seconds_per_400_samples"] / runs["ours"]["seconds_per_400_samples"], 2),
-              "memory_ratio": round(runs["ours"]["peak_mb"] / runs["reference"]["peak_mb"], 2)}
+        runs[role] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": failure(out)}
+    device = runs["ours"].pop("device", runs["reference"].get("device"))
+    runs["reference"].pop("device", None)
+    report = {"device": device, "size": args.size, "resolution": args.resolution, "preset": args.preset, **runs,
+              "speedup": ratio(runs["reference"], runs["ours"], "seconds_per_400_samples"),
+              "memory_ratio": ratio(runs["ours"], runs["reference"], "peak_mb")}
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{report['size']} @ {args.resolution}px on {report['device']}, preset {args.preset}")
         for side in ("reference", "ours"):
-            print(f"  {side:9s} {report[side]['seconds_per_400_samples']:9.1f} s / 400 samples   peak {report[side]['peak_mb']} MB")
+            run = report[side]
+            print(f"  {side:9s} " + (run["error"] if "error" in run else
+                                     f"{run['seconds_per_400_samples']:9.1f} s / 400 samples   peak {run['peak_mb']} MB"))
         print(f"  speedup {report['speedup']}x   memory ratio {report['memory_ratio']}")
 
 
