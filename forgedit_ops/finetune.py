@@ -136,25 +136,22 @@ def early_stop(cfg: FinetuneConfig, step: int, loss: float) -> bool:
     return cfg.early_stop and step * cfg.batch_size > cfg.early_stop_after and loss < cfg.early_stop_loss
 
 
-def joint_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_src: torch.Tensor, z0: torch.Tensor,
-                   alphas_cumprod: torch.Tensor, cfg: FinetuneConfig,
-                   callback: Optional[Callable[[int, float], None]] = None) -> tuple[torch.Tensor, list[float]]:
-    """Forgedit §3: one Adam, UNet subset at unet_lr and e_src at text_lr; each step B copies of the one latent z0
-    with their own noise and timestep, ε-MSE loss. Returns the optimised embedding and the loss per applied step.
-    Micro-batches accumulate the same gradient as the whole batch; compute runs under autocast in cfg.precision."""
+def denoising_loop(eps_model: Callable, groups: list[dict], context: Callable[[], torch.Tensor], z0: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, cfg: FinetuneConfig, iterations: int, generator: torch.Generator,
+                   callback: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """Forgedit §3 / Imagic §3 loop: one Adam over `groups`; each step B copies of the one latent z0 with their own noise
+    and timestep, conditioned on context() (1, 77, C), ε-MSE loss. Returns the loss per applied step. Micro-batches
+    accumulate the same gradient as the whole batch; compute runs under autocast in cfg.precision."""
     device = z0.device
-    e_opt = nn.Parameter(e_src.detach().to(device, torch.float32, copy=True))
     scale = LOSS_SCALE[cfg.precision]
     micro = cfg.micro_batch or cfg.batch_size
     if cfg.fused_step and micro < cfg.batch_size:
         raise ValueError("fused_step needs the whole batch in one backward pass (micro_batch 0)")
-    opt = adam([{"params": list(params.values()), "lr": cfg.unet_lr}, {"params": [e_opt], "lr": cfg.text_lr}],
-               1e-8 * scale, cfg.fused_step, cfg.moments)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    opt = adam(groups, 1e-8 * scale, cfg.fused_step, cfg.moments)
     abar = alphas_cumprod.to(device, torch.float32)
     autocast = torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.precision != "fp32")
     losses = []
-    for step in range(cfg.iterations):
+    for step in range(iterations):
         noise, t = draw_noise_and_timesteps(generator, cfg.batch_size, z0.shape[1:], len(abar))
         noise, t = noise.to(device), t.to(device)
         x_t = q_sample(z0, noise, abar[t])
@@ -163,18 +160,61 @@ def joint_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_src: 
         loss = 0.0
         for i in range(0, cfg.batch_size, micro):
             with autocast:
-                eps = eps_model(x_t[i:i + micro], t[i:i + micro], e_opt.expand(len(t[i:i + micro]), -1, -1))
+                eps = eps_model(x_t[i:i + micro], t[i:i + micro], context().expand(len(t[i:i + micro]), -1, -1))
             part = F.mse_loss(eps.float(), noise[i:i + micro], reduction="sum") / noise.numel()
             loss += part.item()
             if i + micro >= cfg.batch_size and early_stop(cfg, step, loss):
-                return e_opt.detach(), losses
+                return losses
             (part * scale).backward()
         if opt is not None:
             opt.step()
         losses.append(loss)
         if callback is not None:
             callback(step, loss)
+    return losses
+
+
+def joint_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_src: torch.Tensor, z0: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, cfg: FinetuneConfig,
+                   callback: Optional[Callable[[int, float], None]] = None) -> tuple[torch.Tensor, list[float]]:
+    """Forgedit §3: one Adam, UNet subset at unet_lr and e_src at text_lr. Returns the optimised embedding and the loss
+    per applied step."""
+    e_opt = nn.Parameter(e_src.detach().to(z0.device, torch.float32, copy=True))
+    groups = [{"params": list(params.values()), "lr": cfg.unet_lr}, {"params": [e_opt], "lr": cfg.text_lr}]
+    losses = denoising_loop(eps_model, groups, lambda: e_opt, z0, alphas_cumprod, cfg, cfg.iterations,
+                            torch.Generator().manual_seed(cfg.seed), callback)
     return e_opt.detach(), losses
+
+
+def sequential_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_init: torch.Tensor, z0: torch.Tensor,
+                        alphas_cumprod: torch.Tensor, cfg: FinetuneConfig, text_steps: int, unet_steps: int,
+                        callback: Optional[Callable[[int, float], None]] = None):
+    """Imagic §3.1: stage 1 optimises e (from e_init) at text_lr with the UNet frozen (no UNet gradients), stage 2
+    fine-tunes `params` at unet_lr with e frozen; one noise/timestep stream. Returns (e_opt, stage-1, stage-2 losses)."""
+    e_opt = nn.Parameter(e_init.detach().to(z0.device, torch.float32, copy=True))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for p in params.values():
+        p.requires_grad_(False)
+    text_losses = denoising_loop(eps_model, [{"params": [e_opt], "lr": cfg.text_lr}], lambda: e_opt, z0,
+                                 alphas_cumprod, cfg, text_steps, generator, callback)
+    e_opt.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    unet_losses = denoising_loop(eps_model, [{"params": list(params.values()), "lr": cfg.unet_lr}], lambda: e_opt, z0,
+                                 alphas_cumprod, cfg, unet_steps, generator,
+                                 callback and (lambda step, loss: callback(text_steps + step, loss)))
+    return e_opt.detach(), text_losses, unet_losses
+
+
+def dreambooth_finetune(eps_model: Callable, unet_params: dict[str, nn.Parameter], text_encoder: Callable[[], torch.Tensor],
+                        text_params: dict[str, nn.Parameter], z0: torch.Tensor, alphas_cumprod: torch.Tensor,
+                        cfg: FinetuneConfig, callback: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """Forgedit §7 (DreamBooth+Forgedit): UNet at unet_lr and text encoder at text_lr in one Adam, the source caption
+    re-encoded by the trained encoder (`text_encoder()`) every step. Returns the loss per step."""
+    groups = [{"params": list(unet_params.values()), "lr": cfg.unet_lr},
+              {"params": list(text_params.values()), "lr": cfg.text_lr}]
+    return denoising_loop(eps_model, groups, text_encoder, z0, alphas_cumprod, cfg, cfg.iterations,
+                          torch.Generator().manual_seed(cfg.seed), callback)
 
 
 @torch.no_grad()

@@ -41,6 +41,19 @@ STRATEGIES: dict[str, Callable[[str], bool]] = {
     "decoderattn": lambda k: _decoder(k) and not _attn(k),
     "decoderattn+decoder2": lambda k: _decoder(k) and not _attn(k) and not _DECODER2.match(k),
 }
+
+# Forgedit §7: DreamBooth+Forgedit trains everything, so its rules act on every key of diffusers down_blocks.0-3
+# (input_blocks.1-11; conv_in = input_blocks.0 is not in down_blocks) and up_blocks.0-3 (output_blocks.0-11).
+_DOWN = re.compile(r"^input_blocks\.([1-9]|1[01])\.")
+_UP = re.compile(r"^output_blocks\.")
+DREAMBOOTH_STRATEGIES: dict[str, Callable[[str], bool]] = {
+    "dreambooth: noencoder": lambda k: _DOWN.match(k) is not None,
+    "dreambooth: nodecoder": lambda k: _UP.match(k) is not None,
+    "dreambooth: encoderattn": lambda k: _DOWN.match(k) is not None and not _attn(k),
+    "dreambooth: encoderattn+encoder1": lambda k: _DOWN.match(k) is not None and not _attn(k) and not _ENCODER1.match(k),
+    "dreambooth: decoderattn": lambda k: _UP.match(k) is not None and not _attn(k),
+    "dreambooth: encoderkv only": lambda k: _DOWN.match(k) is not None and _CROSS_KV.search(k) is not None,
+}
 CUSTOM = "custom (regex)"
 
 
@@ -54,9 +67,10 @@ def forget_rule(strategy: str, pattern: str = "") -> Callable[[str], bool]:
         if not pattern:
             raise ValueError("forget_pattern is empty: give a regular expression over UNet keys, e.g. 'input_blocks\\.[78]\\.'")
         return lambda k: regex.search(k) is not None
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown forgetting strategy {strategy!r}; choose one of {', '.join(STRATEGIES)} or {CUSTOM}")
-    return STRATEGIES[strategy]
+    rules = {**STRATEGIES, **DREAMBOOTH_STRATEGIES}
+    if strategy not in rules:
+        raise ValueError(f"unknown forgetting strategy {strategy!r}; choose one of {', '.join(rules)} or {CUSTOM}")
+    return rules[strategy]
 
 
 def forgetting_patches(deltas: dict[str, torch.Tensor], rule: Callable[[str], bool], degree: float) -> list[tuple[dict, float]]:

@@ -2,13 +2,16 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .caption import ForgeditCaption
+from .dreambooth import ForgeditDreamBooth
 from .edit import ForgeditForget, ForgeditInterpolate
 from .finetune import ForgeditFinetune
+from .imagic import ForgeditImagic
 from .sampler import ForgeditSampler
 from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
 
 
 class ForgeditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [ForgeditCaption, ForgeditFinetune, ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
+        return [ForgeditCaption, ForgeditFinetune, ForgeditImagic, ForgeditDreamBooth,
+                ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
                 ForgeditLoad, ForgeditExportLora]

@@ -1,7 +1,7 @@
 """Forgedit Interpolate and Forgedit Forget: the cheap editing steps after the fine-tune (Forgedit §4-5)."""
 from comfy_api.latest import io
 
-from ..forgedit_ops.forgetting import CUSTOM, STRATEGIES, forget_rule, forgetting_patches
+from ..forgedit_ops.forgetting import CUSTOM, DREAMBOOTH_STRATEGIES, STRATEGIES, forget_rule, forgetting_patches
 from ..forgedit_ops.interpolation import interpolate, parse_values
 from .common import CATEGORY, Result, require_matching_base, target_embedding
 
@@ -54,10 +54,14 @@ class ForgeditForget(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The same base MODEL that went into Forgedit Fine-tune; it is not modified."),
                 Result.Input("result", tooltip="From Forgedit Fine-tune or Forgedit Load."),
-                io.Combo.Input("strategy", options=[*STRATEGIES, CUSTOM], default="donotforget",
+                io.Combo.Input("strategy", options=[*STRATEGIES, *DREAMBOOTH_STRATEGIES, CUSTOM], default="donotforget",
                                tooltip="donotforget keeps everything learned (reference default). Non-rigid edits (pose, "
                                        "action): encoderattn, stronger encoderkv/noencoder, milder encoderattn+encoder1. "
-                                       "Appearance edits: decoderattn, stronger decoderkv, milder decoderattn+decoder2."),
+                                       "Appearance edits: decoderattn, stronger decoderkv, milder decoderattn+decoder2. "
+                                       "These forget only Forgedit's trained blocks (a whole-UNet Imagic result keeps "
+                                       "the rest; forgedit-imagic: encoderattn). dreambooth: the reference's rules for "
+                                       "results that trained everything (Forgedit DreamBooth), blocks 0 included; "
+                                       "'encoderkv only' resets just the encoder's cross-attention K/V."),
                 io.Float.Input("degree", default=0.0, min=0.0, max=1.0, step=0.05,
                                tooltip="How much of the learned weights the forgotten blocks keep: p = c learned + (1-c) "
                                        "base. 0 = full reset (reference)."),

@@ -28,12 +28,13 @@ def training_options(preset: str, device) -> dict:
     return preset_options(preset, device.type, bf16, comfy.model_management.get_free_memory(device), BYTES_FOR_FAST)
 
 
-def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneConfig, node_id=None, callback=None):
-    """Run §3 on a structural copy of the MODEL's UNet; returns (deltas, e_opt, losses, base fingerprint)."""
+def train_unet_copy(model, rule, cfg: FinetuneConfig, steps: int, train, node_id=None, callback=None):
+    """Runs train(eps_model, params, abar, device, tick) on a structural copy of the MODEL's UNet whose `rule` tensors
+    are trainable, with a progress bar of `steps` that Cancel interrupts; returns (deltas, train's output, fingerprint)."""
     unet = loaded_unet(model)
     device = comfy.model_management.get_torch_device()
     abar = alphas_cumprod(model.get_model_object("model_sampling").sigmas)
-    pbar = comfy.utils.ProgressBar(cfg.iterations, node_id=node_id)
+    pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
 
     def tick(step, loss):
         pbar.update(1)
@@ -42,16 +43,45 @@ def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneCon
             callback(step, loss)
 
     with torch.inference_mode(False), torch.enable_grad():
-        student, params = trainable_copy(unet, is_trained, device, cfg.compute_dtype)
+        student, params = trainable_copy(unet, rule, device, cfg.compute_dtype)
         if cfg.checkpointing:
             checkpoint_modules(layer for blocks in (student.input_blocks, [student.middle_block], student.output_blocks)
                                for block in blocks for layer in block)
-        e_opt, losses = joint_finetune(lambda x, t, c: student(x, t, c, transformer_options=dict(SDPA)), params,
-                                       e_src.clone(), z0.clone().to(device), abar, cfg, tick)
+        out = train(lambda x, t, c: student(x, t, c, transformer_options=dict(SDPA)), params, abar, device, tick)
         deltas = weight_deltas(params, unet)
     del student, params
     comfy.model_management.soft_empty_cache()
-    return deltas, e_opt.cpu(), losses, unet_fingerprint(unet)
+    return deltas, out, unet_fingerprint(unet)
+
+
+def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneConfig, node_id=None, callback=None):
+    """Run §3 on a structural copy of the MODEL's UNet; returns (deltas, e_opt, losses, base fingerprint)."""
+    def train(eps_model, params, abar, device, tick):
+        return joint_finetune(eps_model, params, e_src.clone(), z0.clone().to(device), abar, cfg, tick)
+
+    deltas, (e_opt, losses), base = train_unet_copy(model, is_trained, cfg, cfg.iterations, train, node_id, callback)
+    return deltas, e_opt.cpu(), losses, base
+
+
+def check_training_inputs(model, image, width: int, height: int) -> None:
+    """The checks every per-image fine-tune shares: an SD1.x ε model, one image, a size the VAE can encode."""
+    require_sd1_eps(model)
+    if image.shape[0] != 1:
+        raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
+    if width % 8 or height % 8:
+        raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+
+
+def require_prompt(text: str, name: str, hint: str) -> None:
+    """An empty prompt is an error that says what to type."""
+    if not text.strip():
+        raise ValueError(f"{name} is empty: {hint}")
+
+
+def training_latent(model, vae, image, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image stretched to width x height and its model-space latent z0 (fp32)."""
+    image = stretch_resize(image[..., :3], width, height)
+    return image, model.model.process_latent_in(vae.encode(image)).float()
 
 
 class ForgeditFinetune(io.ComfyNode):
@@ -106,13 +136,8 @@ class ForgeditFinetune(io.ComfyNode):
     def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
                 early_stop, preset="auto", disk_cache=False) -> io.NodeOutput:
         settings = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool)) and k != "disk_cache"}
-        require_sd1_eps(model)
-        if image.shape[0] != 1:
-            raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
-        if width % 8 or height % 8:
-            raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
-        if not source_prompt.strip():
-            raise ValueError("source_prompt is empty: describe the image as it is, or connect Forgedit Caption")
+        check_training_inputs(model, image, width, height)
+        require_prompt(source_prompt, "source_prompt", "describe the image as it is, or connect Forgedit Caption")
         if samples < batch_size:
             raise ValueError(f"samples ({samples}) must be at least batch_size ({batch_size})")
         cfg = FinetuneConfig(samples=samples, batch_size=batch_size, unet_lr=unet_lr, text_lr=text_lr, seed=seed,
@@ -120,9 +145,7 @@ class ForgeditFinetune(io.ComfyNode):
                              **training_options(preset, comfy.model_management.get_torch_device()))
         e_src = encode_prompt(clip, source_prompt, "source_prompt")
         uncond = encode_prompt(clip, "", "negative")
-        image = stretch_resize(image[..., :3], width, height)
-        latent = vae.encode(image)
-        z0 = model.model.process_latent_in(latent).float()
+        image, z0 = training_latent(model, vae, image, width, height)
         key = disk_cache and finetune_cache_key(model, {**settings, **vars(cfg)}, image, z0, e_src)
         if key and (cached := load_cached(key)):
             return io.NodeOutput(cached)

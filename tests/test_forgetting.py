@@ -74,3 +74,26 @@ def test_forget_degree_interpolates_exactly(comfy, tiny, finetuned, degree):
         learned = base[key] + delta
         assert torch.allclose(merged[key], c * learned + (1 - c) * base[key], atol=1e-6)
     assert all(torch.equal(merged[k], base[k]) for k in base if k not in finetuned.deltas)
+
+
+# Forgedit §7: the DreamBooth+Forgedit pipeline's rules on diffusers names (everything trained).
+DREAMBOOTH_REFERENCE = {
+    "dreambooth: noencoder": lambda n: "down_blocks" in n,
+    "dreambooth: nodecoder": lambda n: "up_blocks" in n,
+    "dreambooth: encoderattn": lambda n: "down_blocks" in n and "attn" not in n,
+    "dreambooth: encoderattn+encoder1": lambda n: "down_blocks" in n and "attn" not in n and "down_blocks.1" not in n,
+    "dreambooth: decoderattn": lambda n: "up_blocks" in n and "attn" not in n,
+    "dreambooth: encoderkv only": lambda n: "down_blocks" in n and ("attn2.to_k" in n or "attn2.to_v" in n),
+}
+
+
+@pytest.mark.parametrize("strategy", DREAMBOOTH_REFERENCE)
+def test_dreambooth_strategies_match_the_references_rules(sd15_shapes, strategy):
+    import comfy.utils
+    from forgedit_ops.forgetting import DREAMBOOTH_STRATEGIES
+    from tiny_sd15 import sd15_unet_config
+
+    to_ldm = {n: k for n, k in comfy.utils.unet_to_diffusers(sd15_unet_config(320, 768)).items() if k in sd15_shapes}
+    assert len(to_ldm) == len(sd15_shapes) == 686 and set(DREAMBOOTH_STRATEGIES) == set(DREAMBOOTH_REFERENCE)
+    expected = {to_ldm[n] for n in to_ldm if DREAMBOOTH_REFERENCE[strategy](n)}
+    assert expected and {k for k in sd15_shapes if forget_rule(strategy)(k)} == expected

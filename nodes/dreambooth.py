@@ -1,0 +1,122 @@
+"""Forgedit DreamBooth: the whole UNet and the whole CLIP text encoder fine-tuned jointly on one image (Forgedit §7)."""
+import functools
+import logging
+import time
+
+import comfy.clip_model
+import comfy.model_management
+import torch
+from comfy_api.latest import io
+
+from ..forgedit_ops.finetune import PRESETS, FinetuneConfig, dreambooth_finetune, trainable_copy, weight_deltas
+from ..forgedit_ops.imagic import whole_unet
+from ..forgedit_ops.result import ForgeditResult
+from .common import CATEGORY, Result, encode_prompt
+from .finetune import check_training_inputs, require_prompt, train_unet_copy, training_latent, training_options
+
+
+def in_text_model(key: str) -> bool:
+    """Forgedit §7 trains all of transformers' CLIPTextModel, which has no pooled projection or logit scale."""
+    return not key.endswith(("text_projection.weight", "logit_scale"))
+
+
+def _residual_forward(layer, x, mask=None, optimized_attention=None):
+    x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def differentiable(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """ComfyUI's CLIP layers add their residuals in place, which autograd rejects: on this training copy they add out
+    of place (the same arithmetic)."""
+    for layer in text_encoder.modules():
+        if isinstance(layer, comfy.clip_model.CLIPLayer):
+            layer.forward = functools.partial(_residual_forward, layer)
+    return text_encoder
+
+
+def finetune_dreambooth(model, clip, z0, source_prompt: str, cfg: FinetuneConfig, node_id=None, callback=None):
+    """Forgedit §7 on structural copies of the MODEL's UNet and the CLIP's text encoder; returns (UNet deltas, text
+    encoder deltas, e_src and uncond from the fine-tuned encoder, losses, fingerprint)."""
+    source, empty = clip.tokenize(source_prompt), clip.tokenize("")
+
+    def train(eps_model, params, abar, device, tick):
+        comfy.model_management.load_models_gpu([clip.patcher], force_full_load=True)
+        encoder, text_params = trainable_copy(clip.cond_stage_model, in_text_model, device)
+        differentiable(encoder)
+        losses = dreambooth_finetune(eps_model, params, lambda: encoder.encode_token_weights(source)[0].to(device),
+                                     text_params, z0.to(device), abar, cfg, tick)
+        with torch.no_grad():
+            e_src, uncond = (encoder.encode_token_weights(tokens)[0].float().cpu() for tokens in (source, empty))
+        return weight_deltas(text_params, clip.cond_stage_model), e_src, uncond, losses
+
+    deltas, (text_deltas, e_src, uncond, losses), base = train_unet_copy(model, whole_unet, cfg, cfg.iterations, train,
+                                                                         node_id, callback)
+    return deltas, text_deltas, e_src, uncond, losses, base
+
+
+class ForgeditDreamBooth(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ForgeditDreamBooth",
+            display_name="Forgedit DreamBooth",
+            category=CATEGORY,
+            description="DreamBooth+Forgedit (Forgedit §7): fine-tunes the whole UNet and the whole CLIP text encoder on "
+                        "one image and its caption (no rare token, no class images). Encode the target with the CLIP "
+                        "output, then Forgedit Interpolate / Forget (dreambooth: strategies) / Sampler as usual.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; its text encoder is fine-tuned on a copy, "
+                                              "the input CLIP is never modified."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
+                io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
+                io.String.Input("source_prompt", multiline=True, default="",
+                                tooltip="What the image shows now: the BLIP caption in the paper (Forgedit Caption), "
+                                        "re-encoded by the training text encoder every step. At most 75 tokens."),
+                io.Int.Input("width", default=512, min=64, max=2048, step=8,
+                             tooltip="Training and editing width; the image is stretched to it (paper: 512). Multiple of 8."),
+                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8."),
+                io.Int.Input("samples", default=400, min=1, max=100000,
+                             tooltip="Training samples; iterations = samples / batch_size (paper: 400 = 100 x 4, no early stop)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Copies of the one latent per step, each with its own noise and timestep (paper: 4)."),
+                io.Float.Input("unet_lr", default=5e-6, min=0.0, max=1e-2, step=1e-7,
+                               tooltip="Adam learning rate of the whole UNet (paper: 5e-6)."),
+                io.Float.Input("text_lr", default=5e-6, min=0.0, max=1e-2, step=1e-7,
+                               tooltip="Adam learning rate of the whole text encoder (paper: 5e-6)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds the training noise and timesteps."),
+                io.Combo.Input("training", options=list(PRESETS), default="auto", optional=True,
+                               tooltip="exact: fp32 like the reference. fast: bf16 autocast with fp32 master weights (fp16 "
+                                       "on GPUs without bf16). low memory: fast + gradient checkpointing + per-tensor "
+                                       "Adam steps. auto: fast when memory allows, else low memory."),
+            ],
+            outputs=[Result.Output(display_name="result"),
+                     io.Clip.Output(display_name="clip", tooltip="The input CLIP with the fine-tuned text encoder applied "
+                                                                 "as patches: encode the target prompt with it.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
+                training="auto") -> io.NodeOutput:
+        check_training_inputs(model, image, width, height)
+        require_prompt(source_prompt, "source_prompt", "describe the image as it is, or connect Forgedit Caption")
+        if samples < batch_size:
+            raise ValueError(f"samples ({samples}) must be at least batch_size ({batch_size})")
+        cfg = FinetuneConfig(samples=samples, batch_size=batch_size, unet_lr=unet_lr, text_lr=text_lr, seed=seed,
+                             **training_options(training, comfy.model_management.get_torch_device()))
+        encode_prompt(clip, source_prompt, "source_prompt")  # one 77-token window; sets the CLIP's layer on the encoder copied
+        _, z0 = training_latent(model, vae, image, width, height)
+        start = time.perf_counter()
+        deltas, text_deltas, e_src, uncond, losses, base = finetune_dreambooth(model, clip, z0, source_prompt, cfg,
+                                                                                cls.hidden.unique_id)
+        seconds = time.perf_counter() - start
+        logging.info("Forgedit DreamBooth: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1])
+        tuned = clip.clone()
+        tuned.add_patches({k: (d,) for k, d in text_deltas.items()}, 1.0)
+        metadata = {"method": "dreambooth-forgedit", "base_fingerprint": base, "source_prompt": source_prompt,
+                    "width": width, "height": height, "seed": seed, "samples": samples, "batch_size": batch_size,
+                    "unet_lr": unet_lr, "text_lr": text_lr, "training": training, "precision": cfg.precision,
+                    "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
+        return io.NodeOutput(ForgeditResult(deltas, e_src, uncond, metadata), tuned)
