@@ -219,6 +219,7 @@ def dreambooth_finetune(eps_model: Callable, unet_params: dict[str, nn.Parameter
 
 @torch.no_grad()
 def weight_deltas(params: dict[str, nn.Parameter], base: nn.Module) -> dict[str, torch.Tensor]:
-    """Δ = θ_learned − θ_orig for the trained tensors, fp32 on the CPU (what forgetting merges back, §5)."""
+    """Δ = θ_learned − θ_orig for the trained tensors, fp32 on the CPU (what forgetting merges back, §5). Computed in
+    place: the masters become Δ, so no second copy of the trained set is allocated after training."""
     base_params = dict(base.named_parameters())
-    return {k: (p - base_params[k].to(p.device, torch.float32)).cpu() for k, p in params.items()}
+    return {k: p.sub_(base_params[k].to(p.device, torch.float32)).detach().cpu() for k, p in params.items()}
