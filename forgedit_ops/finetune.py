@@ -149,7 +149,8 @@ def denoising_loop(eps_model: Callable, groups: list[dict], context: Callable[[]
         raise ValueError("fused_step needs the whole batch in one backward pass (micro_batch 0)")
     opt = adam(groups, 1e-8 * scale, cfg.fused_step, cfg.moments)
     abar = alphas_cumprod.to(device, torch.float32)
-    autocast = torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.precision != "fp32")
+    # No cast cache: each weight is used once per forward, and the cache would hold a bf16 copy of every master.
+    autocast = torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.precision != "fp32", cache_enabled=False)
     losses = []
     for step in range(iterations):
         noise, t = draw_noise_and_timesteps(generator, cfg.batch_size, z0.shape[1:], len(abar))
