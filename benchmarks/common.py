@@ -1,5 +1,6 @@
 """What the benchmarks share: model sizes, the reference recipe's diffusers UNet, its ComfyUI twin holding the same
 weights, and peak memory (process RSS on the CPU, allocated bytes on a GPU)."""
+import argparse
 import resource
 import sys
 from pathlib import Path
@@ -71,3 +72,15 @@ def peak_mb(device) -> float:
 
 def device_name(device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every training benchmark takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--preset", default="fast", help="the pack's preset: auto, exact, fast, low memory")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    return p

@@ -14,7 +14,7 @@ import sys
 import time
 
 import torch
-from common import SIZES, comfy_model, device_name, diffusers_unet, peak_mb, reference_trained, sync
+from common import SIZES, benchmark_parser, comfy_model, device_name, diffusers_unet, peak_mb, reference_trained, sync
 
 BATCH, SAMPLES = 10, 400
 
@@ -93,13 +93,7 @@ def failure(out: subprocess.CompletedProcess) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--preset", default="fast", help="the pack's preset: auto, exact, fast, low memory")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--role", choices=["reference", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:

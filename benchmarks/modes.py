@@ -13,7 +13,7 @@ import sys
 import time
 
 import torch
-from common import SIZES, comfy_model, device_name, diffusers_unet, peak_mb
+from common import SIZES, benchmark_parser, comfy_model, device_name, diffusers_unet, peak_mb
 
 # mode: (batch size, steps per stage); Imagic's two stages are timed separately.
 MODES = {"forgedit": (10, (40,)), "imagic (paper)": (1, (1000, 1500)), "imagic (diffusers)": (1, (500, 1000)),
@@ -73,13 +73,7 @@ def measure(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--preset", default="fast", help="the pack's preset: auto, exact, fast, low memory")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:

@@ -12,7 +12,8 @@ from ..forgedit_ops.finetune import PRESETS, FinetuneConfig, dreambooth_finetune
 from ..forgedit_ops.imagic import whole_unet
 from ..forgedit_ops.result import ForgeditResult
 from .common import CATEGORY, Result, encode_prompt
-from .finetune import check_training_inputs, require_prompt, train_unet_copy, training_latent, training_options
+from .finetune import (check_training_inputs, photo_inputs, require_prompt, size_inputs, train_unet_copy, training_latent,
+                       training_options)
 
 
 def in_text_model(key: str) -> bool:
@@ -65,17 +66,10 @@ class ForgeditDreamBooth(io.ComfyNode):
                         "one image and its caption (no rare token, no class images). Encode the target with the CLIP "
                         "output, then Forgedit Interpolate / Forget (dreambooth: strategies) / Sampler as usual.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; its text encoder is fine-tuned on a copy, "
-                                              "the input CLIP is never modified."),
-                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
-                io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
-                io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="What the image shows now: the BLIP caption in the paper (Forgedit Caption), "
-                                        "re-encoded by the training text encoder every step. At most 75 tokens."),
-                io.Int.Input("width", default=512, min=64, max=2048, step=8,
-                             tooltip="Training and editing width; the image is stretched to it (paper: 512). Multiple of 8."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8."),
+                *photo_inputs("its text encoder is fine-tuned on a copy, the input CLIP is never modified.",
+                              "the BLIP caption in the paper (Forgedit Caption), re-encoded by the training text "
+                              "encoder every step. At most 75 tokens."),
+                *size_inputs("paper: 512"),
                 io.Int.Input("samples", default=400, min=1, max=100000,
                              tooltip="Training samples; iterations = samples / batch_size (paper: 400 = 100 x 4, no early stop)."),
                 io.Int.Input("batch_size", default=4, min=1, max=64,

@@ -63,6 +63,23 @@ def finetune_unet(model, z0: torch.Tensor, e_src: torch.Tensor, cfg: FinetuneCon
     return deltas, e_opt.cpu(), losses, base
 
 
+def photo_inputs(clip_use: str, source_use: str) -> list:
+    """The inputs every per-image fine-tune starts with, in this order (workflows store widget values by position)."""
+    return [
+        io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
+        io.Clip.Input("clip", tooltip=f"The CLIP of the same checkpoint; {clip_use}"),
+        io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
+        io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
+        io.String.Input("source_prompt", multiline=True, default="", tooltip=f"What the image shows now: {source_use}"),
+    ]
+
+
+def size_inputs(paper: str) -> list:
+    return [io.Int.Input("width", default=512, min=64, max=2048, step=8,
+                         tooltip=f"Training and editing width; the image is stretched to it ({paper}). Multiple of 8."),
+            io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8.")]
+
+
 def check_training_inputs(model, image, width: int, height: int) -> None:
     """The checks every per-image fine-tune shares: an SD1.x ε model, one image, a size the VAE can encode."""
     require_sd1_eps(model)
@@ -94,17 +111,9 @@ class ForgeditFinetune(io.ComfyNode):
             description="Learns one image: fine-tunes the source-prompt embedding and the UNet's encoder/decoder blocks "
                         "1-3 jointly (Forgedit §3). Train once; interpolation, forgetting and sampling re-run cheaply.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; encodes the source prompt and the empty negative."),
-                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
-                io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
-                io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="What the image shows now: the BLIP caption in the paper (Forgedit Caption), "
-                                        "or type it. At most 75 tokens."),
-                io.Int.Input("width", default=512, min=64, max=2048, step=8,
-                             tooltip="Training and editing width; the image is stretched to it (paper: 512, 768 for the "
-                                     "storytelling demo). Multiple of 8."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8."),
+                *photo_inputs("encodes the source prompt and the empty negative.",
+                              "the BLIP caption in the paper (Forgedit Caption), or type it. At most 75 tokens."),
+                *size_inputs("paper: 512, 768 for the storytelling demo"),
                 io.Int.Input("samples", default=400, min=1, max=100000,
                              tooltip="Training samples; iterations = samples / batch_size (paper: 400 = 40 x 10)."),
                 io.Int.Input("batch_size", default=10, min=1, max=64,

@@ -9,7 +9,8 @@ from ..forgedit_ops.finetune import PRESETS, FinetuneConfig, sequential_finetune
 from ..forgedit_ops.imagic import SEQUENTIAL_PRESETS
 from ..forgedit_ops.result import ForgeditResult
 from .common import CATEGORY, Result, encode_prompt
-from .finetune import check_training_inputs, require_prompt, train_unet_copy, training_latent, training_options
+from .finetune import (check_training_inputs, photo_inputs, require_prompt, size_inputs, train_unet_copy, training_latent,
+                       training_options)
 
 PRESET_TOOLTIP = ("imagic (paper): embedding from the target prompt, 1000 steps at 2e-3, then the whole UNet 1500 steps "
                   "at 5e-7. imagic (diffusers): the community pipeline, 500 at 1e-3 then 1000 at 2e-6. forgedit-imagic "
@@ -39,21 +40,15 @@ class ForgeditImagic(io.ComfyNode):
                         "with the embedding frozen (Imagic §3.1). Edit with Forgedit Interpolate / Sampler in vs mode: "
                         "gamma is Imagic's eta (e = eta e_tgt + (1 - eta) e_opt; paper 0.6-0.8, > 1 extrapolates).",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; encodes the initial embedding and the empty negative."),
-                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
-                io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
-                io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="What the image shows now (Forgedit Caption or typed; at most 75 tokens). The "
-                                        "initial embedding of forgedit-imagic; unused by the imagic presets."),
+                *photo_inputs("encodes the initial embedding and the empty negative.",
+                              "Forgedit Caption or typed, at most 75 tokens. The initial embedding of forgedit-imagic; "
+                              "unused by the imagic presets."),
                 io.String.Input("target_prompt", multiline=True, default="",
                                 tooltip="The edit, e.g. 'a photo of a sitting dog' (at most 75 tokens). The initial "
                                         "embedding of the imagic presets (Imagic §3.1: e_opt starts at e_tgt); encode "
                                         "the same text with CLIP Text Encode as the target when editing."),
                 io.Combo.Input("preset", options=list(SEQUENTIAL_PRESETS), default="imagic (paper)", tooltip=PRESET_TOOLTIP),
-                io.Int.Input("width", default=512, min=64, max=2048, step=8,
-                             tooltip="Training and editing width; the image is stretched to it (Imagic SD: 512). Multiple of 8."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8."),
+                *size_inputs("Imagic SD: 512"),
                 io.Int.Input("text_steps", default=0, min=0, max=100000,
                              tooltip="Stage-1 embedding steps; 0 = the preset's (paper 1000, diffusers 500, forgedit-imagic 400)."),
                 io.Int.Input("unet_steps", default=0, min=0, max=100000,

@@ -1,6 +1,7 @@
 """Test bed: forgedit_ops imported standalone (it never imports comfy) and a real ComfyUI imported as a library, with
 this pack loaded exactly as the server loads custom nodes."""
 import asyncio
+import contextlib
 import importlib.util
 import sys
 import types
@@ -91,6 +92,28 @@ def finetuned(tiny):
     result, = run_node("ForgeditFinetune", model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"],
                        **FINETUNE)
     return result
+
+
+@contextlib.contextmanager
+def cancel_at(step: int):
+    """Press Cancel when a node's progress bar reaches `step` (the server's progress hook, as main.py installs it);
+    yields the progress values seen."""
+    import comfy.model_management
+    import comfy.utils
+
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total))
+        if value == step:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield seen
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
 
 
 def assert_base_untouched(tiny):

@@ -1,9 +1,8 @@
 """The nodes in a real ComfyUI, called as the executor calls them (inference mode), and through its PromptExecutor."""
 import comfy.model_management
-import comfy.utils
 import pytest
 import torch
-from conftest import FINETUNE, assert_base_untouched, run_node
+from conftest import FINETUNE, assert_base_untouched, cancel_at, run_node
 from tiny_sd15 import tiny_model
 
 LONG_PROMPT = "a photo of " + "a very small red disc and " * 20
@@ -53,22 +52,10 @@ def test_interpolate_feeds_core_ksampler(tiny, finetuned):
 
 
 def test_cancel_stops_the_finetune_and_the_base_is_untouched(tiny):
-    steps = []
-
-    def hook(value, total, preview, node_id=None):
-        steps.append(value)
-        if value == 2:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_node("ForgeditFinetune", model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"],
-                     **{**FINETUNE, "samples": 40})
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
-    assert steps == [1, 2]
+    with cancel_at(2) as seen, pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_node("ForgeditFinetune", model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"],
+                 **{**FINETUNE, "samples": 40})
+    assert [value for value, _ in seen] == [1, 2]
     assert_base_untouched(tiny)
 
 
