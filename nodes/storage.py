@@ -7,7 +7,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..forgedit_ops.forgetting import CUSTOM, STRATEGIES, forget_rule
+from ..forgedit_ops.forgetting import CUSTOM, DREAMBOOTH_STRATEGIES, STRATEGIES, forget_rule
 from ..forgedit_ops.result import ForgeditResult, fingerprint
 from ..forgedit_ops.storage import DTYPES, FORMAT, cache_key, load_result, lora_state_dict, metadata_header, save_result, write
 from .common import CATEGORY, Result, loaded_unet, unet_fingerprint
@@ -128,7 +128,7 @@ class ForgeditExportLora(io.ComfyNode):
                         "Interpolate.",
             inputs=[
                 Result.Input("result", tooltip="From Forgedit Fine-tune or Forgedit Load."),
-                io.Combo.Input("strategy", options=[*STRATEGIES, CUSTOM], default="donotforget",
+                io.Combo.Input("strategy", options=[*STRATEGIES, *DREAMBOOTH_STRATEGIES, CUSTOM], default="donotforget",
                                tooltip="Forgetting baked into the file, as in Forgedit Forget: donotforget keeps everything "
                                        "learned; encoder* strategies for pose/layout edits, decoder* for appearance edits."),
                 io.Float.Input("degree", default=0.0, min=0.0, max=1.0, step=0.05,
