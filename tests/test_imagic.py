@@ -155,6 +155,13 @@ def test_progress_spans_both_stages_and_cancel_stops(tiny):
     assert_base_untouched(tiny)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"image": torch.rand(2, 64, 64, 3)}, "batch of 2"),
+    ({"width": 60}, "multiples of 8"),
+    ({"target_prompt": " "}, "target_prompt is empty"),
+    ({"preset": "forgedit-imagic"}, "source_prompt is empty"),
+    ({"target_prompt": "a photo of " + "a very small red disc and " * 20}, "target_prompt is longer than one 77-token"),
+])
 def test_imagic_rejects_bad_input(tiny, overrides, message):
     inputs = {**dict(model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"]), **IMAGIC, **overrides}
     with pytest.raises(ValueError, match=message):
