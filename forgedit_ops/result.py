@@ -9,12 +9,14 @@ import torch
 @dataclass
 class ForgeditResult:
     """What one per-image fine-tune learned (Forgedit §3): Δ of the trained UNet tensors (fp32, CPU, diffusion-model
-    keys), the optimised source embedding e_s (1, 77, C), the empty-prompt embedding used as the CFG negative, and
-    metadata (base fingerprint, source prompt, resolution, seed, hyper-parameters, losses)."""
+    keys), the optimised source embedding e_s (1, 77, C), the empty-prompt embedding used as the CFG negative,
+    metadata (base fingerprint, source prompt, resolution, seed, hyper-parameters, losses), and for DreamBooth-Forgedit
+    (§7) Δ of the text encoder (CLIP patcher keys)."""
     deltas: dict[str, torch.Tensor]
     source_embedding: torch.Tensor
     uncond_embedding: torch.Tensor
     metadata: dict = field(default_factory=dict)
+    text_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Files of a fine-tuned result: one safetensors file per result, a core "diff" LoRA of the UNet delta, cache keys.
 
-Result file: tensors `delta.<UNet key>` (fp16 or fp32), `source_embedding` and `uncond_embedding` (fp32, (1, 77, C));
+Result file: tensors `delta.<UNet key>` and, for DreamBooth-Forgedit, `text_delta.<CLIP key>` (fp16 or fp32),
+`source_embedding` and `uncond_embedding` (fp32, (1, 77, C));
 header: "forgedit.format" (the marker), "forgedit.version", "forgedit.deltas_dtype" and every metadata entry as JSON.
 """
 import hashlib
@@ -37,6 +38,7 @@ def write(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -
 def save_result(result: ForgeditResult, path: str, dtype: str = "fp16", version: str = "") -> None:
     """One file per result: deltas in `dtype` (fp16 halves the size), embeddings always fp32, metadata in the header."""
     tensors = {"delta." + k: d.to(DTYPES[dtype]) for k, d in result.deltas.items()}
+    tensors |= {"text_delta." + k: d.to(DTYPES[dtype]) for k, d in result.text_deltas.items()}
     tensors |= {"source_embedding": result.source_embedding.float(), "uncond_embedding": result.uncond_embedding.float()}
     write(tensors, path, metadata_header(result.metadata, format=FORMAT, version=version, deltas_dtype=dtype))
 
@@ -65,9 +67,10 @@ def load_result(path: str) -> ForgeditResult:
     if header[MARKER] != FORMAT:
         raise ValueError(f"{path} is Forgedit format {header[MARKER]}, this pack reads format {FORMAT}: update the pack")
     tensors = load_file(path)
-    deltas = {k.removeprefix("delta."): t.float() for k, t in tensors.items() if k.startswith("delta.")}
+    deltas, text_deltas = ({k.removeprefix(prefix): t.float() for k, t in tensors.items() if k.startswith(prefix)}
+                           for prefix in ("delta.", "text_delta."))
     metadata = {k: json.loads(v) for k, v in header.items() if not k.startswith("forgedit.")}
-    return ForgeditResult(deltas, tensors["source_embedding"], tensors["uncond_embedding"], metadata)
+    return ForgeditResult(deltas, tensors["source_embedding"], tensors["uncond_embedding"], metadata, text_deltas)
 
 
 def lora_key(key: str) -> str:

@@ -2,7 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .caption import ForgeditCaption
-from .dreambooth import ForgeditDreamBooth
+from .dreambooth import ForgeditDreamBooth, ForgeditTextEncoder
 from .edit import ForgeditForget, ForgeditInterpolate
 from .finetune import ForgeditFinetune
 from .imagic import ForgeditImagic
@@ -12,6 +12,6 @@ from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
 
 class ForgeditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [ForgeditCaption, ForgeditFinetune, ForgeditImagic, ForgeditDreamBooth,
+        return [ForgeditCaption, ForgeditFinetune, ForgeditImagic, ForgeditDreamBooth, ForgeditTextEncoder,
                 ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
                 ForgeditLoad, ForgeditExportLora]

@@ -14,6 +14,7 @@ from ..forgedit_ops.result import ForgeditResult
 from .common import CATEGORY, Result, encode_prompt
 from .finetune import (check_training_inputs, photo_inputs, require_prompt, size_inputs, train_unet_copy, training_latent,
                        training_options)
+from .storage import cached_or_trained, disk_cache_input
 
 
 def in_text_model(key: str) -> bool:
@@ -84,6 +85,7 @@ class ForgeditDreamBooth(io.ComfyNode):
                                tooltip="exact: fp32 like the reference. fast: bf16 autocast with fp32 master weights (fp16 "
                                        "on GPUs without bf16). low memory: fast + gradient checkpointing + per-tensor "
                                        "Adam steps. auto: fast when memory allows, else low memory."),
+                disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result"),
                      io.Clip.Output(display_name="clip", tooltip="The input CLIP with the fine-tuned text encoder applied "
@@ -93,24 +95,57 @@ class ForgeditDreamBooth(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
-                training="auto") -> io.NodeOutput:
+                training="auto", disk_cache=False) -> io.NodeOutput:
+        settings = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool)) and k != "disk_cache"}
         check_training_inputs(model, image, width, height)
         require_prompt(source_prompt, "source_prompt", "describe the image as it is, or connect Forgedit Caption")
         if samples < batch_size:
             raise ValueError(f"samples ({samples}) must be at least batch_size ({batch_size})")
         cfg = FinetuneConfig(samples=samples, batch_size=batch_size, unet_lr=unet_lr, text_lr=text_lr, seed=seed,
                              **training_options(training, comfy.model_management.get_torch_device()))
-        encode_prompt(clip, source_prompt, "source_prompt")  # one 77-token window; sets the CLIP's layer on the encoder copied
-        _, z0 = training_latent(model, vae, image, width, height)
-        start = time.perf_counter()
-        deltas, text_deltas, e_src, uncond, losses, base = finetune_dreambooth(model, clip, z0, source_prompt, cfg,
-                                                                                cls.hidden.unique_id)
-        seconds = time.perf_counter() - start
-        logging.info("Forgedit DreamBooth: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1])
-        tuned = clip.clone()
-        tuned.add_patches({k: (d,) for k, d in text_deltas.items()}, 1.0)
-        metadata = {"method": "dreambooth-forgedit", "base_fingerprint": base, "source_prompt": source_prompt,
-                    "width": width, "height": height, "seed": seed, "samples": samples, "batch_size": batch_size,
-                    "unet_lr": unet_lr, "text_lr": text_lr, "training": training, "precision": cfg.precision,
-                    "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
-        return io.NodeOutput(ForgeditResult(deltas, e_src, uncond, metadata), tuned)
+        e_caption = encode_prompt(clip, source_prompt, "source_prompt")  # one 77-token window; sets the CLIP's layer
+        image, z0 = training_latent(model, vae, image, width, height)
+
+        def train():
+            start = time.perf_counter()
+            deltas, text_deltas, e_src, uncond, losses, base = finetune_dreambooth(model, clip, z0, source_prompt, cfg,
+                                                                                    cls.hidden.unique_id)
+            seconds = time.perf_counter() - start
+            logging.info("Forgedit DreamBooth: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1])
+            metadata = {"method": "dreambooth-forgedit", "base_fingerprint": base, "source_prompt": source_prompt,
+                        "width": width, "height": height, "seed": seed, "samples": samples, "batch_size": batch_size,
+                        "unet_lr": unet_lr, "text_lr": text_lr, "training": training, "precision": cfg.precision,
+                        "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
+            return ForgeditResult(deltas, e_src, uncond, metadata, text_deltas)
+
+        result = cached_or_trained(disk_cache, model, {**settings, **vars(cfg)}, image, z0, e_caption, train)
+        return io.NodeOutput(result, fine_tuned_clip(clip, result))
+
+
+def fine_tuned_clip(clip, result: ForgeditResult):
+    """Forgedit §7 edits encode the target with the fine-tuned text encoder: a CLIP clone with Δ as patches."""
+    if not result.text_deltas:
+        raise ValueError("this result has no fine-tuned text encoder: only Forgedit DreamBooth trains one; encode the "
+                         "target with the checkpoint's own CLIP for Forgedit Fine-tune and Imagic results")
+    tuned = clip.clone()
+    tuned.add_patches({k: (d,) for k, d in result.text_deltas.items()}, 1.0)
+    return tuned
+
+
+class ForgeditTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ForgeditTextEncoder",
+            display_name="Forgedit Text Encoder",
+            category=CATEGORY,
+            description="Applies a DreamBooth-Forgedit result's fine-tuned text encoder to the checkpoint's CLIP, e.g. "
+                        "after Forgedit Load, so the target prompt is encoded as the paper edits (Forgedit §7).",
+            inputs=[Result.Input("result", tooltip="A Forgedit DreamBooth result (fresh or from Forgedit Load)."),
+                    io.Clip.Input("clip", tooltip="The CLIP of the checkpoint the result was trained on; not modified.")],
+            outputs=[io.Clip.Output(display_name="clip", tooltip="Encode the target prompt with this CLIP.")],
+        )
+
+    @classmethod
+    def execute(cls, result, clip) -> io.NodeOutput:
+        return io.NodeOutput(fine_tuned_clip(clip, result))

@@ -15,7 +15,7 @@ from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
 from .common import CATEGORY, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
-from .storage import finetune_cache_key, load_cached, store_cached
+from .storage import cached_or_trained, disk_cache_input
 
 
 # Training always uses PyTorch SDPA: it has a backward on every device (sage/flash inference kernels may not).
@@ -132,10 +132,7 @@ class ForgeditFinetune(io.ComfyNode):
                                        "master weights (fp16 on GPUs without bf16). low memory: fast + gradient "
                                        "checkpointing + per-tensor Adam steps (no gradient buffer). auto: fast when "
                                        "memory allows, else low memory."),
-                io.Boolean.Input("disk_cache", default=False, optional=True,
-                                 tooltip="Keep the result in models/forgedit/cache (fp32, 2.35 GB for SD1.5) and reuse it when "
-                                         "image, prompts, settings, seed and models are the same: survives restarts and "
-                                         "--cache-none. Change the seed to retrain on purpose."),
+                disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result")],
             hidden=[io.Hidden.unique_id],
@@ -155,18 +152,17 @@ class ForgeditFinetune(io.ComfyNode):
         e_src = encode_prompt(clip, source_prompt, "source_prompt")
         uncond = encode_prompt(clip, "", "negative")
         image, z0 = training_latent(model, vae, image, width, height)
-        key = disk_cache and finetune_cache_key(model, {**settings, **vars(cfg)}, image, z0, e_src)
-        if key and (cached := load_cached(key)):
-            return io.NodeOutput(cached)
-        start = time.perf_counter()
-        deltas, e_opt, losses, base = finetune_unet(model, z0, e_src, cfg, cls.hidden.unique_id)
-        seconds = time.perf_counter() - start
-        logging.info("Forgedit fine-tune: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1] if losses else float("nan"))
-        metadata = {"base_fingerprint": base, "source_prompt": source_prompt, "width": width, "height": height,
-                    "seed": seed, "samples": samples, "batch_size": batch_size, "unet_lr": unet_lr, "text_lr": text_lr,
-                    "early_stop": early_stop, "preset": preset, "precision": cfg.precision, "steps": len(losses),
-                    "losses": losses, "seconds": round(seconds, 2)}
-        result = ForgeditResult(deltas, e_opt, uncond.cpu(), metadata)
-        if key:
-            store_cached(key, result)
-        return io.NodeOutput(result)
+
+        def train():
+            start = time.perf_counter()
+            deltas, e_opt, losses, base = finetune_unet(model, z0, e_src, cfg, cls.hidden.unique_id)
+            seconds = time.perf_counter() - start
+            logging.info("Forgedit fine-tune: %d steps in %.1f s, final loss %.4f", len(losses), seconds,
+                         losses[-1] if losses else float("nan"))
+            metadata = {"base_fingerprint": base, "source_prompt": source_prompt, "width": width, "height": height,
+                        "seed": seed, "samples": samples, "batch_size": batch_size, "unet_lr": unet_lr,
+                        "text_lr": text_lr, "early_stop": early_stop, "preset": preset, "precision": cfg.precision,
+                        "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
+            return ForgeditResult(deltas, e_opt, uncond.cpu(), metadata)
+
+        return io.NodeOutput(cached_or_trained(disk_cache, model, {**settings, **vars(cfg)}, image, z0, e_src, train))

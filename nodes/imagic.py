@@ -11,6 +11,7 @@ from ..forgedit_ops.result import ForgeditResult
 from .common import CATEGORY, Result, encode_prompt
 from .finetune import (check_training_inputs, photo_inputs, require_prompt, size_inputs, train_unet_copy, training_latent,
                        training_options)
+from .storage import cached_or_trained, disk_cache_input
 
 PRESET_TOOLTIP = ("imagic (paper): embedding from the target prompt, 1000 steps at 2e-3, then the whole UNet 1500 steps "
                   "at 5e-7. imagic (diffusers): the community pipeline, 500 at 1e-3 then 1000 at 2e-6. forgedit-imagic "
@@ -65,6 +66,7 @@ class ForgeditImagic(io.ComfyNode):
                                tooltip="exact: fp32 like the references. fast: bf16 autocast with fp32 master weights (Imagic "
                                        "A4: keep fp32 masters, 5e-7 steps vanish in fp16 weights). low memory: fast + "
                                        "gradient checkpointing + per-tensor Adam steps. auto: fast when memory allows."),
+                disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result")],
             hidden=[io.Hidden.unique_id],
@@ -72,7 +74,8 @@ class ForgeditImagic(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, target_prompt, preset, width, height, text_steps,
-                unet_steps, text_lr, unet_lr, batch_size, seed, training="auto") -> io.NodeOutput:
+                unet_steps, text_lr, unet_lr, batch_size, seed, training="auto", disk_cache=False) -> io.NodeOutput:
+        settings = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool)) and k != "disk_cache"}
         spec = SEQUENTIAL_PRESETS[preset]
         check_training_inputs(model, image, width, height)
         if spec.init == "target":
@@ -85,15 +88,20 @@ class ForgeditImagic(io.ComfyNode):
         init_prompt = target_prompt if spec.init == "target" else source_prompt
         e_init = encode_prompt(clip, init_prompt, f"{spec.init}_prompt")
         uncond = encode_prompt(clip, "", "negative")
-        _, z0 = training_latent(model, vae, image, width, height)
-        start = time.perf_counter()
-        deltas, e_opt, text_losses, unet_losses, base = finetune_sequential(model, spec.trains, e_init, z0, cfg, text_steps,
-                                                                            unet_steps, cls.hidden.unique_id)
-        seconds = time.perf_counter() - start
-        logging.info("Forgedit %s: %d + %d steps in %.1f s", preset, text_steps, unet_steps, seconds)
-        metadata = {"method": spec.method, "base_fingerprint": base, "source_prompt": init_prompt,
-                    "target_prompt": target_prompt, "width": width, "height": height, "seed": seed, "preset": preset,
-                    "text_steps": text_steps, "unet_steps": unet_steps, "text_lr": cfg.text_lr, "unet_lr": cfg.unet_lr,
-                    "batch_size": batch_size, "training": training, "precision": cfg.precision,
-                    "text_losses": text_losses, "losses": unet_losses, "seconds": round(seconds, 2)}
-        return io.NodeOutput(ForgeditResult(deltas, e_opt, uncond.cpu(), metadata))
+        image, z0 = training_latent(model, vae, image, width, height)
+
+        def train():
+            start = time.perf_counter()
+            deltas, e_opt, text_losses, unet_losses, base = finetune_sequential(
+                model, spec.trains, e_init, z0, cfg, text_steps, unet_steps, cls.hidden.unique_id)
+            seconds = time.perf_counter() - start
+            logging.info("Forgedit %s: %d + %d steps in %.1f s", preset, text_steps, unet_steps, seconds)
+            metadata = {"method": spec.method, "base_fingerprint": base, "source_prompt": init_prompt,
+                        "target_prompt": target_prompt, "width": width, "height": height, "seed": seed,
+                        "preset": preset, "text_steps": text_steps, "unet_steps": unet_steps, "text_lr": cfg.text_lr,
+                        "unet_lr": cfg.unet_lr, "batch_size": batch_size, "training": training,
+                        "precision": cfg.precision, "text_losses": text_losses, "losses": unet_losses,
+                        "seconds": round(seconds, 2)}
+            return ForgeditResult(deltas, e_opt, uncond.cpu(), metadata)
+
+        return io.NodeOutput(cached_or_trained(disk_cache, model, {**settings, **vars(cfg)}, image, z0, e_init, train))

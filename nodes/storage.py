@@ -50,6 +50,24 @@ def load_cached(key: str) -> ForgeditResult | None:
     return None
 
 
+def disk_cache_input():
+    return io.Boolean.Input("disk_cache", default=False, optional=True,
+                            tooltip="Keep the result in models/forgedit/cache (fp32, 2.35 GB for SD1.5's Forgedit set) and "
+                                    "reuse it when image, prompts, settings, seed and models are the same: survives "
+                                    "restarts and --cache-none. Change the seed to retrain on purpose.")
+
+
+def cached_or_trained(disk_cache: bool, model, settings: dict, image, z0, e_src, train) -> ForgeditResult:
+    """The optional disk cache around a fine-tune: a hit loads the stored result, a miss runs train() and stores it."""
+    key = disk_cache and finetune_cache_key(model, settings, image, z0, e_src)
+    if key and (cached := load_cached(key)):
+        return cached
+    result = train()
+    if key:
+        store_cached(key, result)
+    return result
+
+
 def store_cached(key: str, result: ForgeditResult) -> None:
     """Keep a fine-tune in models/forgedit/cache/ (fp32, so a hit equals the trained result); a full disk only warns."""
     path = os.path.join(folder_paths.get_folder_paths("forgedit")[0], CACHE, key + ".safetensors")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import FINETUNE, assert_base_untouched, run_node
 from test_imagic import pair, reference_step  # noqa: F401  (module fixture)
+from test_storage import folders, load, run_output_node  # noqa: F401  (folders: fixture)
 from test_learning import image_latent, reconstruction_loss
 from test_parity import rel
 
@@ -103,6 +104,36 @@ def test_dreambooth_learns_and_leaves_model_and_clip_untouched(tiny, learned):
     now = tiny["clip"].cond_stage_model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in base_clip.items())
     assert_base_untouched(tiny)
+
+
+def test_a_saved_result_keeps_its_text_encoder(tiny, learned, folders):
+    result, clip, _ = learned
+    assert result.text_deltas
+    run_output_node("ForgeditSave", result=result, filename_prefix="dreambooth", dtype="fp32")
+    loaded = load("dreambooth_00001_.safetensors")
+    assert loaded.text_deltas.keys() == result.text_deltas.keys()
+    assert all(torch.equal(loaded.text_deltas[k], d) for k, d in result.text_deltas.items())
+    reloaded, = run_node("ForgeditTextEncoder", result=loaded, clip=tiny["clip"])
+    ours, = run_node("CLIPTextEncode", clip=reloaded, text="a green triangle")
+    fresh, = run_node("CLIPTextEncode", clip=clip, text="a green triangle")
+    assert torch.equal(ours[0][0], fresh[0][0])
+
+
+def test_text_encoder_node_needs_a_dreambooth_result(tiny, finetuned):
+    with pytest.raises(ValueError, match="only Forgedit DreamBooth trains one"):
+        run_node("ForgeditTextEncoder", result=finetuned, clip=tiny["clip"])
+
+
+def test_dreambooth_disk_cache_restores_the_text_encoder(tiny, folders):
+    inputs = dict(model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"], **DREAMBOOTH,
+                  disk_cache=True)
+    first, first_clip = run_node("ForgeditDreamBooth", **inputs)
+    second, second_clip = run_node("ForgeditDreamBooth", **inputs)
+    assert second.metadata["disk_cache"] == "hit" and "disk_cache" not in first.metadata
+    a, = run_node("CLIPTextEncode", clip=first_clip, text="a green triangle")
+    b, = run_node("CLIPTextEncode", clip=second_clip, text="a green triangle")
+    assert torch.equal(a[0][0], b[0][0])
+    assert all(torch.equal(second.deltas[k], d) for k, d in first.deltas.items())
 
 
 def test_dreambooth_forgetting_resets_blocks_zero(tiny, learned):

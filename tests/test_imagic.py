@@ -166,3 +166,12 @@ def test_imagic_rejects_bad_input(tiny, overrides, message):
     inputs = {**dict(model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"]), **IMAGIC, **overrides}
     with pytest.raises(ValueError, match=message):
         run_node("ForgeditImagic", **inputs)
+
+
+def test_imagic_disk_cache_hits_on_the_second_run(tiny, folders):
+    inputs = dict(model=tiny["model"], clip=tiny["clip"], vae=tiny["vae"], image=tiny["image"], **IMAGIC, disk_cache=True)
+    first, = run_node("ForgeditImagic", **inputs)
+    second, = run_node("ForgeditImagic", **inputs)
+    assert second.metadata == {**first.metadata, "disk_cache": "hit"}
+    assert all(torch.equal(second.deltas[k], d) for k, d in first.deltas.items())
+    assert torch.equal(second.source_embedding, first.source_embedding)
