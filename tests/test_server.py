@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 from test_caption import blip_root  # noqa: F401  the tiny random BLIP folder (a session fixture)
 
 WORKFLOWS = PACK / "workflows"
-NAMES = ["forgedit_vanilla", "forgedit_reedit_saved", "forgedit_single_gamma_ksampler", "imagic", "dreambooth_forgedit"]
+NAMES = ["forgedit_vanilla", "forgedit_reedit_saved", "forgedit_single_gamma_ksampler", "imagic", "forgedit_imagic",
+         "dreambooth_forgedit"]
 CHECKPOINT = "shallow_sd15.safetensors"
 TRAIN = ["--set", "ForgeditFinetune.samples=4", "--set", "ForgeditFinetune.batch_size=2"]
 SAMPLE = ["--set", "ForgeditSampler.steps=2", "--set", "ForgeditSampler.gammas=0.6, 0.8", "--set",
@@ -39,6 +40,8 @@ SMALL = {  # CPU-sized settings for each workflow: 64 x 64, 2 training steps, 2 
                                        "--set", "KSampler.steps=2"],
     "imagic": ["--set", "ForgeditImagic.text_steps=2", "--set", "ForgeditImagic.unet_steps=2", "--set",
                "ForgeditImagic.width=64", "--set", "ForgeditImagic.height=64", *SAMPLE],
+    "forgedit_imagic": ["--set", "ForgeditImagic.text_steps=2", "--set", "ForgeditImagic.unet_steps=2", "--set",
+                        "ForgeditImagic.width=64", "--set", "ForgeditImagic.height=64", *SAMPLE],
     "dreambooth_forgedit": ["--set", "ForgeditDreamBooth.samples=4", "--set", "ForgeditDreamBooth.batch_size=2",
                             "--set", "ForgeditDreamBooth.width=64", "--set", "ForgeditDreamBooth.height=64",
                             "--set", "ForgeditCaption.blip_model=tiny-blip", *SAMPLE],
