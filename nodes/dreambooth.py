@@ -8,12 +8,12 @@ import comfy.model_management
 import torch
 from comfy_api.latest import io
 
-from ..forgedit_ops.finetune import PRESETS, FinetuneConfig, dreambooth_finetune, trainable_copy, weight_deltas
+from ..forgedit_ops.finetune import FinetuneConfig, dreambooth_finetune, trainable_copy, weight_deltas
 from ..forgedit_ops.imagic import whole_unet
 from ..forgedit_ops.result import ForgeditResult
 from .common import CATEGORY, Result, encode_prompt
-from .finetune import (check_training_inputs, photo_inputs, require_prompt, size_inputs, train_unet_copy, training_latent,
-                       training_options)
+from .finetune import (check_training_inputs, photo_inputs, precision_input, require_prompt, size_inputs,
+                       train_unet_copy, training_latent, training_options)
 from .storage import cached_or_trained, disk_cache_input
 
 
@@ -81,10 +81,7 @@ class ForgeditDreamBooth(io.ComfyNode):
                                tooltip="Adam learning rate of the whole text encoder (paper: 5e-6)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the training noise and timesteps."),
-                io.Combo.Input("training", options=list(PRESETS), default="auto", optional=True,
-                               tooltip="exact: fp32 like the reference. fast: bf16 autocast with fp32 master weights (fp16 "
-                                       "on GPUs without bf16). low memory: fast + gradient checkpointing + per-tensor "
-                                       "Adam steps. auto: fast when memory allows, else low memory."),
+                precision_input("training"),
                 disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result"),

@@ -74,6 +74,15 @@ def photo_inputs(clip_use: str, source_use: str) -> list:
     ]
 
 
+def precision_input(name: str, note: str = ""):
+    """The training-precision preset every fine-tune node offers (forgedit_ops.finetune.preset_options)."""
+    return io.Combo.Input(name, options=list(PRESETS), default="auto", optional=True,
+                          tooltip="exact: fp32 like the reference (bit-for-bit parity). fast: bf16 autocast with fp32 "
+                                  "master weights (fp16 on GPUs without bf16). low memory: fast + gradient checkpointing + "
+                                  "per-tensor Adam steps with bf16 moments (no gradient buffer). auto: fast when memory "
+                                  "allows, else low memory." + note)
+
+
 def size_inputs(paper: str) -> list:
     return [io.Int.Input("width", default=512, min=64, max=2048, step=8,
                          tooltip=f"Training and editing width; the image is stretched to it ({paper}). Multiple of 8."),
@@ -127,11 +136,7 @@ class ForgeditFinetune(io.ComfyNode):
                                      "seed and inputs reuse the cached result."),
                 io.Boolean.Input("early_stop", default=False,
                                  tooltip="The reference's early stop: end when a batch loss falls below 0.03 after 350 samples."),
-                io.Combo.Input("preset", options=list(PRESETS), default="auto", optional=True,
-                               tooltip="exact: fp32 like the reference (bit-for-bit parity). fast: bf16 autocast with fp32 "
-                                       "master weights (fp16 on GPUs without bf16). low memory: fast + gradient "
-                                       "checkpointing + per-tensor Adam steps (no gradient buffer). auto: fast when "
-                                       "memory allows, else low memory."),
+                precision_input("preset"),
                 disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result")],

@@ -5,12 +5,12 @@ import time
 import comfy.model_management
 from comfy_api.latest import io
 
-from ..forgedit_ops.finetune import PRESETS, FinetuneConfig, sequential_finetune
+from ..forgedit_ops.finetune import FinetuneConfig, sequential_finetune
 from ..forgedit_ops.imagic import SEQUENTIAL_PRESETS
 from ..forgedit_ops.result import ForgeditResult
 from .common import CATEGORY, Result, encode_prompt
-from .finetune import (check_training_inputs, photo_inputs, require_prompt, size_inputs, train_unet_copy, training_latent,
-                       training_options)
+from .finetune import (check_training_inputs, photo_inputs, precision_input, require_prompt, size_inputs,
+                       train_unet_copy, training_latent, training_options)
 from .storage import cached_or_trained, disk_cache_input
 
 PRESET_TOOLTIP = ("imagic (paper): embedding from the target prompt, 1000 steps at 2e-3, then the whole UNet 1500 steps "
@@ -62,10 +62,7 @@ class ForgeditImagic(io.ComfyNode):
                              tooltip="Copies of the one latent per step, each with its own noise and timestep (Imagic: 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the training noise and timesteps of both stages."),
-                io.Combo.Input("training", options=list(PRESETS), default="auto", optional=True,
-                               tooltip="exact: fp32 like the references. fast: bf16 autocast with fp32 master weights (Imagic "
-                                       "A4: keep fp32 masters, 5e-7 steps vanish in fp16 weights). low memory: fast + "
-                                       "gradient checkpointing + per-tensor Adam steps. auto: fast when memory allows."),
+                precision_input("training", " Imagic A4: the masters must be fp32, 5e-7 steps vanish in fp16 weights."),
                 disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result")],
