@@ -1,6 +1,7 @@
 """What the Forgedit nodes share: the result type, model checks, text encoding and loading the base UNet."""
 import logging
 
+import comfy.ldm.modules.attention as attention
 import comfy.model_management
 import comfy.model_sampling
 import comfy.supported_models
@@ -11,6 +12,18 @@ from ..forgedit_ops.result import ForgeditResult, fingerprint
 
 Result = io.Custom("FORGEDIT_RESULT")
 CATEGORY = "forgedit"
+# PyTorch SDPA, whatever attention ComfyUI chose: it has a backward on every device (sage/flash inference kernels may not).
+SDPA = {"optimized_attention_override": lambda func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)}
+
+
+def sdpa_on_cpu(model):
+    """ComfyUI falls back to sub-quadratic attention on a CPU unless told otherwise; SDPA computes the same attention
+    there about 1.4x faster (SD1.5 at 256x256). Returns a clone that uses it, or the MODEL unchanged elsewhere."""
+    if model.load_device.type != "cpu" or attention.optimized_attention is not attention.attention_sub_quad:
+        return model
+    model = model.clone()
+    model.model_options.setdefault("transformer_options", {}).update(SDPA)
+    return model
 
 
 def require_sd1_eps(model) -> None:

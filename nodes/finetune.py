@@ -2,7 +2,6 @@
 import logging
 import time
 
-import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.utils
 import torch
@@ -14,12 +13,9 @@ from ..forgedit_ops.forgetting import is_trained
 from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
-from .common import CATEGORY, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
+from .common import CATEGORY, SDPA, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
 from .storage import cached_or_trained, disk_cache_input
 
-
-# Training always uses PyTorch SDPA: it has a backward on every device (sage/flash inference kernels may not).
-SDPA = {"optimized_attention_override": lambda func, *args, **kwargs: comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)}
 BYTES_FOR_FAST = 24 * 1024**3
 
 

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..forgedit_ops.images import labelled_grid
 from ..forgedit_ops.interpolation import interpolate, parse_values
 from ..forgedit_ops.schedule import ddim_final_scale, ddim_noise_scale, reference_sigmas
-from .common import CATEGORY, Result, target_embedding
+from .common import CATEGORY, Result, sdpa_on_cpu, target_embedding
 from .edit import ALPHA_TOOLTIP, GAMMA_TOOLTIP, MODE_TOOLTIP
 
 REFERENCE = "forgedit_reference"
@@ -75,6 +75,7 @@ class ForgeditSampler(io.ComfyNode):
         seed_list = [int(s) for s in parse_values(seeds, "seeds")]
         if not carries_result(model, result):
             raise ValueError("model does not carry this fine-tuned result: connect the MODEL output of Forgedit Forget")
+        model = sdpa_on_cpu(model)
         pairs = [(a, g) for a in alpha_list for g in gamma_list]
         e = interpolate(result.source_embedding, target_embedding(target, result), mode,
                         [g for _, g in pairs], [a for a, _ in pairs]).repeat(len(seed_list), 1, 1)

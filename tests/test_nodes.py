@@ -36,6 +36,19 @@ def test_every_gamma_of_a_seed_shares_its_noise(tiny, finetuned):
     assert torch.allclose(s[2], alone["samples"][0], atol=1e-4)
 
 
+def test_cpu_sweep_swaps_sub_quadratic_attention_for_sdpa_with_the_same_edits(comfy, tiny, finetuned, monkeypatch):
+    target, = run_node("CLIPTextEncode", clip=tiny["clip"], text="a blue square")
+    edited, = run_node("ForgeditForget", model=tiny["model"], result=finetuned, strategy="encoderattn", degree=0.0)
+    fast = comfy.pack.nodes.common.sdpa_on_cpu(edited)
+    assert fast is not edited and "optimized_attention_override" in fast.model_options["transformer_options"]
+    assert "optimized_attention_override" not in edited.model_options.get("transformer_options", {})
+    with_sdpa, _, _ = sweep(edited, finetuned, target, tiny["vae"])
+    monkeypatch.setattr(comfy.pack.nodes.sampler, "sdpa_on_cpu", lambda model: model)
+    sub_quad, _, _ = sweep(edited, finetuned, target, tiny["vae"])
+    a, b = with_sdpa["samples"], sub_quad["samples"]
+    assert (a - b).abs().max() < 1e-5 * b.abs().max()
+
+
 def test_interpolate_feeds_core_ksampler(tiny, finetuned):
     target, = run_node("CLIPTextEncode", clip=tiny["clip"], text="a blue square")
     negative, = run_node("CLIPTextEncode", clip=tiny["clip"], text="")
