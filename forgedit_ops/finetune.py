@@ -57,20 +57,25 @@ LOSS_SCALE = {"fp32": 1.0, "bf16": 1.0, "fp16": 1024.0}
 
 
 def trainable_copy(module: nn.Module, is_trained: Callable[[str], bool], device,
-                   frozen_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    """A structural copy of `module` for training: trained tensors become fp32 master parameters, frozen matrices and
-    kernels plain tensors in `frozen_dtype` (norm weights and biases stay fp32: CPU norms reject mixed dtypes), all on
-    `device`. `module` is left untouched and its (possibly inference-mode) tensors are never saved for backward."""
+                   compute_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """A structural copy of `module` for training on `device`: trained tensors become fp32 master parameters. Frozen
+    matrices and kernels stay `module`'s own tensors when autocast to a `compute_dtype` other than theirs makes a fresh
+    copy at every use (so none of them is saved for backward), else become copies in `compute_dtype`; norm weights and
+    biases are fp32 copies (CPU norms reject mixed dtypes). `module` is left untouched."""
     memo, params = {}, {}
     for name, p in module.named_parameters():
         trained = is_trained(name)
-        dtype = frozen_dtype if not trained and p.dim() > 1 else torch.float32
-        fresh = nn.Parameter(_plain(p, device, dtype), requires_grad=trained)
+        if trained or p.dim() < 2:
+            fresh = nn.Parameter(_plain(p, device, torch.float32), requires_grad=trained)
+        elif compute_dtype not in (torch.float32, p.dtype) and p.device.type == device.type:
+            fresh = nn.Parameter(p.detach(), requires_grad=False)
+        else:
+            fresh = nn.Parameter(_plain(p, device, compute_dtype), requires_grad=False)
         memo[id(p)] = fresh
         if trained:
             params[name] = fresh
     for b in module.buffers():
-        memo[id(b)] = _plain(b, device, frozen_dtype)
+        memo[id(b)] = _plain(b, device, compute_dtype)
     return copy.deepcopy(module, memo), params
 
 

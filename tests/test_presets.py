@@ -90,3 +90,17 @@ def test_micro_batches_and_fused_step_are_the_same_mathematics(w64):
         assert same[2] == pytest.approx(whole[2], rel=1e-5)
     with pytest.raises(ValueError, match="fused_step needs the whole batch"):
         train(micro_batch=2, fused_step=True)
+
+
+def test_reduced_precision_training_reads_frozen_weights_in_place(w64):
+    from forgedit_ops.finetune import trainable_copy
+    from forgedit_ops.forgetting import is_trained
+
+    unet = w64[0].model.diffusion_model
+    base = dict(unet.named_parameters())
+    for dtype, shared in ((torch.bfloat16, True), (torch.float32, False)):
+        copy, params = trainable_copy(unet, is_trained, torch.device("cpu"), dtype)
+        student = dict(copy.named_parameters())
+        frozen = [k for k, p in base.items() if p.dim() > 1 and k not in params]
+        assert frozen and all((student[k].data_ptr() == base[k].data_ptr()) is shared for k in frozen)
+        assert all(student[k].data_ptr() != base[k].data_ptr() and student[k].dtype == torch.float32 for k in params)
