@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from forgedit_ops.finetune import FinetuneConfig, draw_noise_and_timesteps, q_sample
+from forgedit_ops.finetune import (FinetuneConfig, TensorAdam, dequantize_blockwise, draw_noise_and_timesteps, q_sample,
+                                   quantize_blockwise)
 from forgedit_ops.forgetting import forget_rule, forgetting_patches
 from forgedit_ops.interpolation import interpolate, parse_values, vector_projection, vector_subtraction
 from forgedit_ops.result import fingerprint
@@ -85,6 +86,28 @@ def test_q_sample_and_draws_are_seeded():
     z0, abar = torch.randn(1, 4, 8, 8), torch.rand(10)
     x = q_sample(z0, n1, abar)
     assert torch.allclose(x[3], abar[3].sqrt() * z0[0] + (1 - abar[3]).sqrt() * n1[3])
+
+
+def test_8bit_moment_keeps_relative_precision_over_five_decades():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-5, 0, 1000)
+    codes, scale = quantize_blockwise(x)
+    assert codes.element_size() == 1 and scale.numel() == 4
+    y = dequantize_blockwise(codes, scale, x.shape)
+    assert ((y - x).abs() <= 2**-4 * x.abs() + 1e-3 * scale.max()).all() and (y.abs() <= 2 * x.abs()).all()
+    assert dequantize_blockwise(*quantize_blockwise(torch.zeros(3, 5)), torch.Size((3, 5))).eq(0).all()
+
+
+@pytest.mark.parametrize("moments, tolerance", [("bf16", 0.01), ("8-bit", 0.1)])
+def test_reduced_adam_moments_step_close_to_fp32(moments, tolerance):
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(64, 48, generator=g) * torch.logspace(-4, 0, 48) for _ in range(40)]
+    p = {k: torch.zeros(64, 48) for k in ("fp32", moments)}
+    adam = {k: TensorAdam(p[k], lr=1e-3, eps=1e-8, moments=k) for k in p}
+    for grad in grads:
+        for k in p:
+            p[k].grad = grad.clone()
+            adam[k](p[k])
+    assert (p[moments] - p["fp32"]).abs().max() < tolerance * p["fp32"].abs().max()
 
 
 def test_config_iterations():

@@ -61,7 +61,7 @@ def test_presets_stay_within_tolerance_of_fp32(w64, by_preset, preset):
     assert ours.metadata["losses"] == pytest.approx(exact.metadata["losses"], rel=1e-2)
 
 
-def test_low_memory_differs_from_fast_only_by_its_bf16_adam_moments(w64, by_preset):
+def test_low_memory_differs_from_fast_only_by_its_8bit_and_bf16_adam_moments(w64, by_preset):
     fast, low = by_preset["fast"], by_preset["low memory"]
     context = fast.source_embedding
     assert rel(eps_after(w64[0], low, context), eps_after(w64[0], fast, context)) < 0.01
