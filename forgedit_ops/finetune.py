@@ -102,34 +102,44 @@ def q_sample(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> tor
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+FP8_MAX, BLOCK = torch.finfo(torch.float8_e4m3fn).max, 256
 
 
-def quantize_blockwise(x: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
     """Blockwise 8-bit optimiser state (Dettmers et al. 2022, §2.1) with FP8 E4M3 codes (Micikevicius et al. 2022): one
-    absmax scale per block, about 6 % relative precision over five decades below it, round to nearest."""
-    blocks = F.pad(x.flatten(), (0, -x.numel() % block)).view(-1, block)
-    scale = blocks.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-    return blocks.div(scale).to(torch.float8_e4m3fn), scale
+    absmax scale per block of 256, about 6 % relative precision over five decades below it; writes codes and scale."""
+    flat = x.flatten()
+    blocks = (flat if flat.numel() == codes.numel() else F.pad(flat, (0, codes.numel() - flat.numel()))).view_as(codes)
+    torch.maximum(blocks.amax(1, keepdim=True), blocks.amin(1, keepdim=True).neg_(), out=scale)
+    scale.clamp_(min=torch.finfo(torch.float32).tiny).div_(FP8_MAX)
+    codes.copy_(blocks / scale)
 
 
 def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return (codes.float() * scale).flatten()[:shape.numel()].view(shape)
+    return codes.float().mul_(scale).flatten()[:shape.numel()].view(shape)
 
 
 class Moment:
-    """One Adam moment of a tensor, stored in fp32, bf16 or blockwise fp8 and read and written in fp32."""
+    """One Adam moment of a tensor, stored in fp32, bf16 or blockwise fp8 in buffers allocated once, read and written
+    in fp32 (fresh allocations every step fragment a CPU process's heap)."""
 
     def __init__(self, p: torch.Tensor, storage: str):
-        self.storage, self.shape = storage, p.shape
-        self.set(torch.zeros_like(p, dtype=torch.float32))
+        self.shape, blocks = p.shape, -(-p.numel() // BLOCK)
+        if storage == "fp8":
+            self.codes = torch.zeros(blocks, BLOCK, dtype=torch.float8_e4m3fn, device=p.device)
+            self.scale = torch.ones(blocks, 1, device=p.device)
+        else:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[storage]
+            self.codes, self.scale = torch.zeros_like(p, dtype=dtype), None
 
     def get(self) -> torch.Tensor:
-        return dequantize_blockwise(*self.value, self.shape) if self.storage == "fp8" else self.value.float()
+        return self.codes.float() if self.scale is None else dequantize_blockwise(self.codes, self.scale, self.shape)
 
     def set(self, x: torch.Tensor) -> None:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.storage)
-        self.value = quantize_blockwise(x) if dtype is None else x.to(dtype)
+        if self.scale is None:
+            self.codes.copy_(x)
+        else:
+            quantize_blockwise_(x, self.codes, self.scale)
 
 
 # The second moment stays bf16: an 8-bit v can round a small entry to zero and make its update unbounded, whereas an
