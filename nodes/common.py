@@ -12,7 +12,7 @@ from ..forgedit_ops.result import ForgeditResult, fingerprint
 
 Result = io.Custom("FORGEDIT_RESULT")
 CATEGORY = "forgedit"
-# PyTorch SDPA, whatever attention ComfyUI chose: it has a backward on every device (sage/flash inference kernels may not).
+# PyTorch SDPA whatever ComfyUI chose: it has a backward on every device (sage/flash inference kernels may not).
 SDPA = {"optimized_attention_override": lambda func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)}
 
 

@@ -75,8 +75,8 @@ def precision_input(name: str, note: str = ""):
     return io.Combo.Input(name, options=list(PRESETS), default="auto", optional=True,
                           tooltip="exact: fp32 like the reference (bit-for-bit parity). fast: bf16 autocast with fp32 "
                                   "master weights (fp16 on GPUs without bf16). low memory: fast + gradient checkpointing + "
-                                  "per-tensor Adam steps with an 8-bit first and a bf16 second moment (no gradient buffer). auto: fast when memory "
-                                  "allows, else low memory." + note)
+                                  "per-tensor Adam steps with an 8-bit first and a bf16 second moment (no gradient "
+                                  "buffer). auto: fast when memory allows, else low memory." + note)
 
 
 def size_inputs(paper: str) -> list:
