@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from ..forgedit_ops.caption import source_prompt, to_pil
-from .common import CATEGORY
+from .common import CATEGORY, require_one_image
 
 folder_paths.add_model_folder_path("blip", os.path.join(folder_paths.models_dir, "blip"))
 NO_MODEL = "(no BLIP model in models/blip)"
@@ -69,8 +69,7 @@ class ForgeditCaption(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, blip_model, target_prompt="") -> io.NodeOutput:
-        if image.shape[0] != 1:
-            raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
+        require_one_image(image)
         caption = blip_caption(blip_path(blip_model), image[0])
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(source_prompt(caption, target_prompt))

@@ -40,6 +40,11 @@ def require_sd1_eps(model) -> None:
                          "or use an ε-prediction SD1.x checkpoint.")
 
 
+def require_one_image(image) -> None:
+    if image.shape[0] != 1:
+        raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
+
+
 def encode_prompt(clip, text: str, name: str) -> torch.Tensor:
     """CLIP last hidden state (1, 77, C) of a prompt that must fit one 77-token window (Forgedit §3 trains all 77)."""
     tokens = clip.tokenize(text)

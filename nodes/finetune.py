@@ -13,7 +13,8 @@ from ..forgedit_ops.forgetting import is_trained
 from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
-from .common import CATEGORY, SDPA, Result, encode_prompt, loaded_unet, require_sd1_eps, unet_fingerprint
+from .common import (CATEGORY, SDPA, Result, encode_prompt, loaded_unet, require_one_image, require_sd1_eps,
+                     unet_fingerprint)
 from .storage import cached_or_trained, disk_cache_input
 
 BYTES_FOR_FAST = 24 * 1024**3
@@ -88,8 +89,7 @@ def size_inputs(paper: str) -> list:
 def check_training_inputs(model, image, width: int, height: int) -> None:
     """The checks every per-image fine-tune shares: an SD1.x ε model, one image, a size the VAE can encode."""
     require_sd1_eps(model)
-    if image.shape[0] != 1:
-        raise ValueError(f"image is a batch of {image.shape[0]}; Forgedit learns one image: pick one with ImageFromBatch")
+    require_one_image(image)
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
 
