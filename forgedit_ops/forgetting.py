@@ -19,6 +19,20 @@ def is_trained(key: str) -> bool:
     return _TRAINED.match(key) is not None
 
 
+def whole_unet(key: str) -> bool:
+    """Imagic §3.1 and Forgedit §7: every UNet tensor is trained (686 in SD1.x)."""
+    return True
+
+
+TRAINED_BLOCKS = [f"input_blocks.{i}" for i in range(4, 12)] + [f"output_blocks.{i}" for i in range(3, 12)]
+
+
+def missing_blocks(keys) -> list[str]:
+    """The blocks of Forgedit's trained set (§3) that a UNet with these parameter keys lacks."""
+    present = {".".join(k.split(".")[:2]) for k in keys}
+    return [b for b in TRAINED_BLOCKS if b not in present]
+
+
 def _encoder(key: str) -> bool:
     return is_trained(key) and key.startswith("input_blocks.")
 

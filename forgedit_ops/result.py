@@ -10,13 +10,18 @@ import torch
 class ForgeditResult:
     """What one per-image fine-tune learned (Forgedit §3): Δ of the trained UNet tensors (fp32, CPU, diffusion-model
     keys), the optimised source embedding e_s (1, 77, C), the empty-prompt embedding used as the CFG negative,
-    metadata (base fingerprint, source prompt, resolution, seed, hyper-parameters, losses), and for DreamBooth-Forgedit
-    (§7) Δ of the text encoder (CLIP patcher keys)."""
+    metadata (method, base fingerprint, the training settings, losses), and for DreamBooth-Forgedit (§7) Δ of the
+    text encoder (CLIP patcher keys). `accept_any_base` is a session choice (Forgedit Load), never saved."""
     deltas: dict[str, torch.Tensor]
     source_embedding: torch.Tensor
     uncond_embedding: torch.Tensor
     metadata: dict = field(default_factory=dict)
     text_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    accept_any_base: bool = False
+
+    def _comfy_cache_tensors(self) -> list[torch.Tensor]:
+        """Every tensor held, so ComfyUI's RAM-pressure cache sizes this result by what it really holds (1-3.5 GB)."""
+        return [*self.deltas.values(), *self.text_deltas.values(), self.source_embedding, self.uncond_embedding]
 
 
 @torch.no_grad()

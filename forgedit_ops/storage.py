@@ -20,13 +20,11 @@ FORMAT = "1"
 MARKER = "forgedit.format"
 LORA_MARKER = "forgedit.lora"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-TRANSIENT = ("ignore_base_mismatch", "disk_cache")
 
 
 def metadata_header(metadata: dict, **markers: str) -> dict[str, str]:
-    """Safetensors header strings: `forgedit.*` markers as given, metadata values JSON-encoded (session flags left out)."""
-    return {**{f"forgedit.{k}": v for k, v in markers.items()},
-            **{k: json.dumps(v) for k, v in metadata.items() if k not in TRANSIENT}}
+    """Safetensors header strings: `forgedit.*` markers as given, metadata values JSON-encoded."""
+    return {**{f"forgedit.{k}": v for k, v in markers.items()}, **{k: json.dumps(v) for k, v in metadata.items()}}
 
 
 def write(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -> None:

@@ -1,5 +1,4 @@
 """ComfyUI nodes of the pack: thin V3 wrappers over forgedit_ops."""
-from comfy_api.latest import ComfyExtension, io
 
 from .caption import ForgeditCaption
 from .dreambooth import ForgeditDreamBooth, ForgeditTextEncoder
@@ -8,6 +7,7 @@ from .finetune import ForgeditFinetune
 from .imagic import ForgeditImagic
 from .sampler import ForgeditSampler
 from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
+from .v3 import ComfyExtension, io
 
 
 class ForgeditExtension(ComfyExtension):

@@ -4,11 +4,11 @@ import os
 import comfy.model_management
 import folder_paths
 import torch
-from comfy_api.latest import io
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from ..forgedit_ops.caption import source_prompt, to_pil
 from .common import CATEGORY, require_one_image
+from .v3 import io
 
 folder_paths.add_model_folder_path("blip", os.path.join(folder_paths.models_dir, "blip"))
 NO_MODEL = "(no BLIP model in models/blip)"

@@ -2,18 +2,16 @@
 import logging
 
 import comfy.ldm.modules.attention as attention
-import comfy.model_management
 import comfy.model_sampling
 import comfy.supported_models
 import torch
-from comfy_api.latest import io
 
 from ..forgedit_ops.result import ForgeditResult, fingerprint
+from .host import materialized, with_sdpa
+from .v3 import io
 
 Result = io.Custom("FORGEDIT_RESULT")
 CATEGORY = "forgedit"
-# PyTorch SDPA whatever ComfyUI chose: it has a backward on every device (sage/flash inference kernels may not).
-SDPA = {"optimized_attention_override": lambda func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)}
 
 
 def sdpa_on_cpu(model):
@@ -21,9 +19,7 @@ def sdpa_on_cpu(model):
     there about 1.4x faster (SD1.5 at 256x256). Returns a clone that uses it, or the MODEL unchanged elsewhere."""
     if model.load_device.type != "cpu" or attention.optimized_attention is not attention.attention_sub_quad:
         return model
-    model = model.clone()
-    model.model_options.setdefault("transformer_options", {}).update(SDPA)
-    return model
+    return with_sdpa(model)
 
 
 def require_sd1_eps(model) -> None:
@@ -55,27 +51,26 @@ def encode_prompt(clip, text: str, name: str) -> torch.Tensor:
     return clip.encode_from_tokens(tokens).float()
 
 
-def target_embedding(conditioning, result: ForgeditResult) -> torch.Tensor:
-    """The (1, 77, C) target embedding e_t from a core CLIPTextEncode CONDITIONING."""
+def target_embedding(conditioning, result: ForgeditResult, name: str = "target") -> torch.Tensor:
+    """The (1, 77, C) embedding of a core CLIPTextEncode CONDITIONING: the target e_t, or the sampler's `negative`."""
     if not conditioning:
-        raise ValueError("target is empty: connect a CLIP Text Encode of the target prompt")
+        raise ValueError(f"{name} is empty: connect a CLIP Text Encode of the {name} prompt")
     e = conditioning[0][0]
     e_src = result.source_embedding
     if len(conditioning) > 1 or e.shape[0] != 1:
-        raise ValueError("target must be one prompt from CLIP Text Encode, not a combined or batched conditioning")
+        raise ValueError(f"{name} must be one prompt from CLIP Text Encode, not a combined or batched conditioning")
     if e.shape[-1] != e_src.shape[-1]:
-        raise ValueError(f"target embedding width {e.shape[-1]} does not match the fine-tuned result ({e_src.shape[-1]}): "
-                         "encode the target with the CLIP of the same SD1.x checkpoint")
+        raise ValueError(f"{name} embedding width {e.shape[-1]} does not match the fine-tuned result ({e_src.shape[-1]}): "
+                         f"encode the {name} prompt with the CLIP of the same SD1.x checkpoint")
     if e.shape[1] != e_src.shape[1]:
-        raise ValueError(f"target prompt is longer than one 77-token window ({e.shape[1]} tokens of embedding); "
-                         "Forgedit interpolates per token, so shorten the target prompt to at most 75 tokens")
+        raise ValueError(f"{name} prompt is longer than one 77-token window ({e.shape[1]} tokens of embedding); "
+                         f"Forgedit interpolates per token, so shorten the {name} prompt to at most 75 tokens")
     return e.float()
 
 
 def loaded_unet(model) -> torch.nn.Module:
     """The diffusion model with exactly this MODEL's patches applied, fully loaded on its device."""
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return model.model.diffusion_model
+    return materialized(model).model.diffusion_model
 
 
 def unet_fingerprint(unet: torch.nn.Module) -> str:
@@ -86,7 +81,7 @@ def require_matching_base(model, result: ForgeditResult) -> None:
     """A result only makes sense on the weights it was fine-tuned from (same checkpoint, same LoRAs applied)."""
     expected = result.metadata.get("base_fingerprint")
     found = unet_fingerprint(loaded_unet(model))
-    if expected != found and result.metadata.get("ignore_base_mismatch"):
+    if expected != found and result.accept_any_base:
         logging.warning("Forgedit: applying a result trained on another base model (fingerprint %s, this MODEL is %s) "
                         "because Forgedit Load has ignore_base_mismatch on", expected, found)
     elif expected != found:

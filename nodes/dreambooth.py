@@ -1,59 +1,11 @@
 """Forgedit DreamBooth: the whole UNet and the whole CLIP text encoder fine-tuned jointly on one image (Forgedit §7)."""
-import functools
-import logging
-import time
-
-import comfy.clip_model
-import comfy.model_management
-import torch
-from comfy_api.latest import io
-
-from ..forgedit_ops.finetune import FinetuneConfig, dreambooth_finetune, trainable_copy, weight_deltas
-from ..forgedit_ops.imagic import whole_unet
 from ..forgedit_ops.result import ForgeditResult
-from .common import CATEGORY, Result, encode_prompt
-from .finetune import (check_training_inputs, photo_inputs, precision_input, require_prompt, size_inputs,
-                       train_unet_copy, training_latent, training_options)
-from .storage import cached_or_trained, disk_cache_input
+from .common import CATEGORY, Result
+from .storage import disk_cache_input
+from .training import (METHODS, SOURCE_PROMPT, check_training_settings, declared_settings, fine_tune, photo_inputs,
+                       precision_input, seed_input, size_inputs, validate_sampled_inputs)
+from .v3 import io
 
-
-def in_text_model(key: str) -> bool:
-    """Forgedit §7 trains all of transformers' CLIPTextModel, which has no pooled projection or logit scale."""
-    return not key.endswith(("text_projection.weight", "logit_scale"))
-
-
-def _residual_forward(layer, x, mask=None, optimized_attention=None):
-    x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
-    return x + layer.mlp(layer.layer_norm2(x))
-
-
-def differentiable(text_encoder: torch.nn.Module) -> torch.nn.Module:
-    """ComfyUI's CLIP layers add their residuals in place, which autograd rejects: on this training copy they add out
-    of place (the same arithmetic)."""
-    for layer in text_encoder.modules():
-        if isinstance(layer, comfy.clip_model.CLIPLayer):
-            layer.forward = functools.partial(_residual_forward, layer)
-    return text_encoder
-
-
-def finetune_dreambooth(model, clip, z0, source_prompt: str, cfg: FinetuneConfig, node_id=None, callback=None):
-    """Forgedit §7 on structural copies of the MODEL's UNet and the CLIP's text encoder; returns (UNet deltas, text
-    encoder deltas, e_src and uncond from the fine-tuned encoder, losses, fingerprint)."""
-    source, empty = clip.tokenize(source_prompt), clip.tokenize("")
-
-    def train(eps_model, params, abar, device, tick):
-        comfy.model_management.load_models_gpu([clip.patcher], force_full_load=True)
-        encoder, text_params = trainable_copy(clip.cond_stage_model, in_text_model, device)
-        differentiable(encoder)
-        losses = dreambooth_finetune(eps_model, params, lambda: encoder.encode_token_weights(source)[0].to(device),
-                                     text_params, z0.to(device), abar, cfg, tick)
-        with torch.no_grad():
-            e_src, uncond = (encoder.encode_token_weights(tokens)[0].float().cpu() for tokens in (source, empty))
-        return weight_deltas(text_params, clip.cond_stage_model), e_src, uncond, losses
-
-    deltas, (text_deltas, e_src, uncond, losses), base = train_unet_copy(model, whole_unet, cfg, cfg.iterations, train,
-                                                                         node_id, callback)
-    return deltas, text_deltas, e_src, uncond, losses, base
 
 
 class ForgeditDreamBooth(io.ComfyNode):
@@ -79,9 +31,8 @@ class ForgeditDreamBooth(io.ComfyNode):
                                tooltip="Adam learning rate of the whole UNet (paper: 5e-6)."),
                 io.Float.Input("text_lr", default=5e-6, min=0.0, max=1e-2, step=1e-7,
                                tooltip="Adam learning rate of the whole text encoder (paper: 5e-6)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seeds the training noise and timesteps."),
-                precision_input("training"),
+                seed_input("Seeds the training noise and timesteps."),
+                precision_input(),
                 disk_cache_input(),
             ],
             outputs=[Result.Output(display_name="result"),
@@ -90,32 +41,15 @@ class ForgeditDreamBooth(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
         )
 
+    validate_inputs = classmethod(validate_sampled_inputs)
+
     @classmethod
-    def execute(cls, model, clip, vae, image, source_prompt, width, height, samples, batch_size, unet_lr, text_lr, seed,
-                training="auto", disk_cache=False) -> io.NodeOutput:
-        settings = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool)) and k != "disk_cache"}
-        check_training_inputs(model, image, width, height)
-        require_prompt(source_prompt, "source_prompt", "describe the image as it is, or connect Forgedit Caption")
-        if samples < batch_size:
-            raise ValueError(f"samples ({samples}) must be at least batch_size ({batch_size})")
-        cfg = FinetuneConfig(samples=samples, batch_size=batch_size, unet_lr=unet_lr, text_lr=text_lr, seed=seed,
-                             **training_options(training, comfy.model_management.get_torch_device()))
-        e_caption = encode_prompt(clip, source_prompt, "source_prompt")  # one 77-token window; sets the CLIP's layer
-        image, z0 = training_latent(model, vae, image, width, height)
-
-        def train():
-            start = time.perf_counter()
-            deltas, text_deltas, e_src, uncond, losses, base = finetune_dreambooth(model, clip, z0, source_prompt, cfg,
-                                                                                    cls.hidden.unique_id)
-            seconds = time.perf_counter() - start
-            logging.info("Forgedit DreamBooth: %d steps in %.1f s, final loss %.4f", len(losses), seconds, losses[-1])
-            metadata = {"method": "dreambooth-forgedit", "base_fingerprint": base, "source_prompt": source_prompt,
-                        "width": width, "height": height, "seed": seed, "samples": samples, "batch_size": batch_size,
-                        "unet_lr": unet_lr, "text_lr": text_lr, "training": training, "precision": cfg.precision,
-                        "steps": len(losses), "losses": losses, "seconds": round(seconds, 2)}
-            return ForgeditResult(deltas, e_src, uncond, metadata, text_deltas)
-
-        result = cached_or_trained(disk_cache, model, {**settings, **vars(cfg)}, image, z0, e_caption, train)
+    def execute(cls, model, clip, vae, image, disk_cache=False, **widgets) -> io.NodeOutput:
+        settings = declared_settings(cls, widgets)
+        check_training_settings(cls, settings, SOURCE_PROMPT)
+        cfg = {k: settings[k] for k in ("samples", "batch_size", "unet_lr", "text_lr", "seed")}
+        result = fine_tune(METHODS["dreambooth-forgedit"], model, clip, vae, image, settings, cfg,
+                           settings["samples"] // settings["batch_size"], cls.hidden.unique_id, disk_cache)
         return io.NodeOutput(result, fine_tuned_clip(clip, result))
 
 

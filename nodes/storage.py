@@ -5,12 +5,12 @@ import re
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io, ui
 
 from ..forgedit_ops.forgetting import CUSTOM, DREAMBOOTH_STRATEGIES, STRATEGIES, forget_rule
 from ..forgedit_ops.result import ForgeditResult, fingerprint
 from ..forgedit_ops.storage import DTYPES, FORMAT, cache_key, load_result, lora_state_dict, metadata_header, save_result, write
 from .common import CATEGORY, Result, loaded_unet, unet_fingerprint
+from .v3 import io, ui
 
 folder_paths.add_model_folder_path("forgedit", os.path.join(folder_paths.models_dir, "forgedit"))
 PACK_VERSION = re.search(r'^version\s*=\s*"([^"]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text(), re.M)[1]
@@ -39,14 +39,12 @@ def finetune_cache_key(model, settings: dict, image, z0, e_src) -> str:
 
 
 def load_cached(key: str) -> ForgeditResult | None:
-    """The cached result of this key from any forgedit folder's cache/, flagged metadata["disk_cache"] = "hit"."""
+    """The cached result of this key from any forgedit folder's cache/."""
     for root in folder_paths.get_folder_paths("forgedit"):
         path = os.path.join(root, CACHE, key + ".safetensors")
         if os.path.isfile(path):
             logging.info("Forgedit fine-tune: reusing %s from the disk cache", path)
-            result = load_result(path)
-            result.metadata["disk_cache"] = "hit"
-            return result
+            return load_result(path)
     return None
 
 
@@ -128,8 +126,7 @@ class ForgeditLoad(io.ComfyNode):
     @classmethod
     def execute(cls, file, ignore_base_mismatch) -> io.NodeOutput:
         result = load_result(folder_paths.get_full_path_or_raise("forgedit", file))
-        if ignore_base_mismatch:
-            result.metadata["ignore_base_mismatch"] = True
+        result.accept_any_base = ignore_base_mismatch
         return io.NodeOutput(result)
 
 

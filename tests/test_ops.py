@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from forgedit_ops.finetune import FinetuneConfig, Moment, TensorAdam, draw_noise_and_timesteps, q_sample
+from forgedit_ops.finetune import FinetuneConfig, draw_noise_and_timesteps, q_sample
+from forgedit_ops.optim import Moment, TensorAdam
 from forgedit_ops.forgetting import forget_rule, forgetting_patches
 from forgedit_ops.interpolation import interpolate, parse_values, vector_projection, vector_subtraction
 from forgedit_ops.result import fingerprint

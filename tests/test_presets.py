@@ -19,7 +19,7 @@ def w64(comfy):
 
 def finetune(w64, preset):
     model, clip, vae = w64
-    result, = run_node("ForgeditFinetune", model=model, clip=clip, vae=vae, image=sample_image(), preset=preset, **SETTINGS)
+    result, = run_node("ForgeditFinetune", model=model, clip=clip, vae=vae, image=sample_image(), precision=preset, **SETTINGS)
     return result
 
 

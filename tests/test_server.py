@@ -235,7 +235,7 @@ def test_conversion_maps_widgets_positionally_and_skips_frontend_extras(object_i
         "seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
     assert by_class["LoadImage"]["inputs"] == {"image": "example.png"}
     finetune = by_class["ForgeditFinetune"]["inputs"]
-    assert [finetune[k] for k in ("seed", "early_stop", "preset", "disk_cache")] == [0, False, "auto", False]
+    assert [finetune[k] for k in ("seed", "early_stop", "precision", "disk_cache")] == [0, False, "auto", False]
     assert finetune["width"] == finetune["height"] == by_class["EmptyLatentImage"]["inputs"]["width"] == 512
     assert sorted(p["title"] for p in primitives.values()) == ["height", "width"]
     run.set_input(prompt, primitives, object_info, "width.value=64")
