@@ -61,12 +61,19 @@ def run_node(node_id: str, **inputs):
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
     if hasattr(cls, "VALIDATE_CLASS"):
         cls.VALIDATE_CLASS()
-        f = make_locked_method_func(cls, "EXECUTE_NORMALIZED", cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": "1"}))
+        f = make_locked_method_func(cls, "EXECUTE_NORMALIZED", cls.PREPARE_CLASS_CLONE(hidden_inputs({"UNIQUE_ID": "1"})))
     else:
         f = getattr(cls(), cls.FUNCTION)
     with torch.inference_mode():
         out = f(**inputs)
     return out.result if hasattr(out, "result") else out
+
+
+def hidden_inputs(values: dict) -> dict:
+    """PREPARE_CLASS_CLONE's argument: the hidden values (0.3.64), or V3 data holding them (newer ComfyUI)."""
+    from comfy_api.latest._io import HiddenHolder
+
+    return {"hidden_inputs": values} if hasattr(HiddenHolder, "from_v3_data") else values
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +116,17 @@ def cancel_at(step: int):
             comfy.model_management.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(hook)
+    throttle = {k: getattr(comfy.utils, k) for k in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT")
+                if hasattr(comfy.utils, k)}  # newer ComfyUI drops progress updates that come too fast
+    for k in throttle:
+        setattr(comfy.utils, k, 0)
     try:
         yield seen
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
+        for k, v in throttle.items():
+            setattr(comfy.utils, k, v)
 
 
 def assert_base_untouched(tiny):

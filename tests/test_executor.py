@@ -1,4 +1,6 @@
 """Through ComfyUI's own PromptExecutor: train once, re-sample cheaply (the graph cache keeps the fine-tune)."""
+import inspect
+
 import execution
 import nodes
 import pytest
@@ -71,9 +73,16 @@ def prompt(gammas="0.5, 0.7", strategy="encoderattn", seeds="1", train_seed=0):
     }
 
 
+def cache_args() -> dict:
+    """Newer ComfyUI's PromptExecutor reads cache sizes from cache_args (0.3.64 has no such argument)."""
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}}
+    return {}
+
+
 def test_changing_gamma_strategy_or_seed_does_not_retrain_but_the_training_seed_does(tiny, graph_nodes):
     server = MessageLog()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, **cache_args())
 
     def run(p, n):
         server.messages.clear()

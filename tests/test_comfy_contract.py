@@ -1,0 +1,81 @@
+"""The contract with ComfyUI: every ComfyUI API the pack calls, checked where it is declared, so a ComfyUI that moved
+one names it here instead of failing deep inside a training run (the compatibility notes' table, rows A-D)."""
+import inspect
+
+import comfy.clip_model
+import comfy.ldm.modules.attention as attention
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.lora
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.sd1_clip
+import comfy.utils
+import folder_paths
+import pytest
+import torch
+
+
+def accepts(function, *names):
+    parameters = inspect.signature(function).parameters
+    return all(n in parameters for n in names)
+
+
+@pytest.mark.parametrize("function, names", [
+    (mm.load_models_gpu, ("models", "force_full_load")),
+    (mm.get_free_memory, ("dev",)),
+    (mm.should_use_bf16, ("device", "prioritize_performance")),
+    (mm.should_use_fp16, ("device", "prioritize_performance")),
+    (mm.soft_empty_cache, ()),
+    (comfy.utils.ProgressBar.__init__, ("total", "node_id")),
+    (comfy.sample.sample_custom, ("model", "noise", "cfg", "sampler", "sigmas", "positive", "negative", "latent_image",
+                                  "callback", "disable_pbar", "seed")),
+    (comfy.sample.prepare_noise, ("latent_image", "seed")),
+    (comfy.samplers.calculate_sigmas, ("model_sampling", "scheduler_name", "steps")),
+    (comfy.samplers.sampler_object, ("name",)),
+    (comfy.clip_model.CLIPLayer.forward, ("x", "mask", "optimized_attention")),
+    (openaimodel.UNetModel.forward, ("x", "timesteps", "context", "transformer_options")),
+    (attention.attention_pytorch, ("q", "k", "v", "heads", "mask")),
+    (folder_paths.add_model_folder_path, ("folder_name", "full_folder_path")),
+    (folder_paths.get_save_image_path, ("filename_prefix", "output_dir")),
+    (folder_paths.get_full_path_or_raise, ("folder_name", "filename")),
+])
+def test_the_functions_we_call_take_our_arguments(function, names):
+    assert accepts(function, *names), f"{function.__qualname__}{inspect.signature(function)}"
+
+
+def test_the_names_we_read_exist():
+    assert isinstance(mm.FORCE_FP32, bool) and callable(mm.is_device_cpu)
+    assert callable(mm.throw_exception_if_processing_interrupted) and callable(mm.unload_all_models)
+    assert "ddim" in comfy.samplers.KSampler.SAMPLERS and "normal" in comfy.samplers.KSampler.SCHEDULERS
+    assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+
+
+def test_a_diff_patch_adds_its_tensor():
+    model = torch.nn.Linear(2, 2)
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    delta = torch.ones(2, 2)
+    patcher.add_patches({"weight": (delta,)}, 0.5)
+    stored = patcher.patches["weight"][0]
+    assert stored[:3] == (0.5, (delta,), 1.0)
+    weight = comfy.lora.calculate_weight(patcher.patches["weight"], model.weight.detach().clone(), "weight")
+    assert torch.allclose(weight, model.weight + 0.5)
+
+
+def test_the_attention_override_is_honoured():
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(func)
+        return attention.attention_pytorch(*args, **kwargs)
+
+    q = torch.randn(1, 4, 8)
+    out = attention.optimized_attention(q, q, q, 2, transformer_options={"optimized_attention_override": override})
+    assert calls and out.shape == q.shape
+
+
+def test_clip_options_ignore_what_they_do_not_know():
+    assert accepts(comfy.sd1_clip.SDClipModel.set_clip_options, "options")
+    source = inspect.getsource(comfy.sd1_clip.SDClipModel.set_clip_options)
+    assert "options.get(" in source and "options[" not in source
