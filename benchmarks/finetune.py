@@ -58,18 +58,22 @@ def reference(args, device) -> list[float]:
 
 
 def ours(args, device) -> list[float]:
-    """The Forgedit Fine-tune node's training function on a ComfyUI MODEL holding the same weights."""
+    """The Forgedit Fine-tune node's training core on a ComfyUI MODEL holding the same weights."""
     import conftest
 
     import comfy.model_management
 
     model, _ = comfy_model(args.size, diffusers_unet(args.size), comfy.model_management.unet_dtype())
-    finetune = conftest._PACK.nodes.finetune
-    options = finetune.training_options(args.preset, device)
-    cfg = conftest._PACK.forgedit_ops.finetune.FinetuneConfig(samples=(args.warmup + args.iterations) * BATCH, **options)
+    pack = conftest._PACK
+    training, method = pack.nodes.training, pack.nodes.training.METHODS["forgedit"]
+    size = training.run_size(model, method, BATCH, args.resolution, args.resolution)
+    options = training.training_options(args.preset, model, size)
+    ours.estimated_mb = round(pack.forgedit_ops.precision.training_bytes(size, options) / 2**20)
+    cfg = pack.forgedit_ops.finetune.FinetuneConfig(samples=(args.warmup + args.iterations) * BATCH, **options)
     stamps = [time.perf_counter()]
     z0, e = inputs(args.size, args.resolution, device)
-    finetune.finetune_unet(model, z0, e, cfg, callback=lambda step, loss: stamps.append(time.perf_counter()))
+    training.train_method(method, training.Job(None, z0, e, cfg, {}), model, cfg.iterations,
+                          callback=lambda step, loss: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -77,8 +81,9 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     times = (reference if args.role == "reference" else ours)(args, device)
     timed = times[args.warmup:]
+    estimate = {"estimated_mb": ours.estimated_mb} if args.role == "ours" else {}
     return {"seconds_per_400_samples": round(sum(timed) / len(timed) * SAMPLES / BATCH, 2),
-            "peak_mb": round(peak_mb(device)), "device": device_name(device)}
+            "peak_mb": round(peak_mb(device)), **estimate, "device": device_name(device)}
 
 
 def ratio(a: dict, b: dict, key: str):

@@ -47,8 +47,12 @@ def measure(args) -> dict:
     model, _ = comfy_model(args.size, diffusers_unet(args.size), comfy.model_management.unet_dtype())
     batch, recipe = MODES[args.mode]
     n = args.warmup + args.iterations
-    cfg = pack.forgedit_ops.finetune.FinetuneConfig(samples=n * batch, batch_size=batch,
-                                                    **pack.nodes.finetune.training_options(args.preset, device))
+    training = pack.nodes.training
+    method = training.METHODS[pack.forgedit_ops.imagic.RECIPES[args.mode].method if args.mode.startswith(
+        ("imagic", "forgedit-imagic")) else args.mode]
+    options = training.training_options(args.preset, model,
+                                        training.run_size(model, method, batch, args.resolution, args.resolution))
+    cfg = pack.forgedit_ops.finetune.FinetuneConfig(samples=n * batch, batch_size=batch, **options)
     g = torch.Generator().manual_seed(1)
     z0 = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, generator=g)
     e = torch.randn(1, 77, SIZES[args.size][1], generator=g)
@@ -57,14 +61,10 @@ def measure(args) -> dict:
     def tick(step, loss):
         stamps.append(time.perf_counter())
 
+    clip = text_encoder(args.size) if method.name == "dreambooth-forgedit" else None
+    job = training.Job(clip, z0, e, cfg, {"text_steps": n, "unet_steps": n, "source_prompt": "a photo of a bird"})
     start = time.perf_counter()
-    if args.mode == "forgedit":
-        pack.nodes.finetune.finetune_unet(model, z0, e, cfg, callback=tick)
-    elif args.mode == "dreambooth-forgedit":
-        pack.nodes.dreambooth.finetune_dreambooth(model, text_encoder(args.size), z0, "a photo of a bird", cfg, callback=tick)
-    else:
-        trains = pack.forgedit_ops.imagic.SEQUENTIAL_PRESETS[args.mode].trains
-        pack.nodes.imagic.finetune_sequential(model, trains, e, z0, cfg, n, n, callback=tick)
+    training.train_method(method, job, model, n * len(recipe), callback=tick)
     steps = [b - a for a, b in zip([start, *stamps], stamps)]
     per_stage = [steps[i * n + args.warmup:(i + 1) * n] for i in range(len(recipe))]
     seconds = [sum(s) / len(s) * count for s, count in zip(per_stage, recipe)]

@@ -1,8 +1,9 @@
 """Forgedit Fine-tune: joint optimisation of the source embedding and the UNet on one image (Forgedit §2-3)."""
 from .common import CATEGORY, Result
 from .storage import disk_cache_input
-from .training import (METHODS, SOURCE_PROMPT, check_training_settings, declared_settings, fine_tune, photo_inputs,
-                       precision_input, seed_input, size_inputs, validate_sampled_inputs)
+from .training import METHODS, declared_settings, fine_tune
+from .training_inputs import (SOURCE_PROMPT, check_training_settings, photo_inputs, precision_input, seed_input,
+                              size_inputs, validate_sampled_inputs)
 from .v3 import io
 
 

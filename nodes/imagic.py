@@ -1,9 +1,9 @@
 """Forgedit Imagic: Imagic's sequential optimisation (Imagic §3.1) and Forgedit transferred to Imagic (Forgedit §8)."""
 from ..forgedit_ops.imagic import RECIPES
-from .common import CATEGORY, Result
+from .common import CATEGORY, Result, queue_check
 from .storage import disk_cache_input
-from .training import (DESCRIBE_SOURCE, METHODS, check_training_settings, declared_settings, fine_tune, photo_inputs,
-                       precision_input, queue_check, seed_input, size_inputs)
+from .training import METHODS, declared_settings, fine_tune
+from .training_inputs import DESCRIBE_SOURCE, check_training_settings, photo_inputs, precision_input, seed_input, size_inputs
 from .v3 import io
 
 RECIPE_TOOLTIP = ("imagic (paper): embedding from the target prompt, 1000 steps at 2e-3, then the whole UNet 1500 steps "

@@ -14,16 +14,14 @@ from ..forgedit_ops.finetune import (FinetuneConfig, checkpoint_modules, deltas_
                                      joint_finetune, sequential_finetune, trainable_copy)
 from ..forgedit_ops.forgetting import is_trained, missing_blocks, whole_unet
 from ..forgedit_ops.images import stretch_resize
-from ..forgedit_ops.precision import PRESETS, RunSize, choose_options
+from ..forgedit_ops.precision import RunSize, choose_options
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
 from .common import encode_prompt, require_one_image, require_sd1_eps, unet_fingerprint
 from .host import RUNTIME_HANDLES, free_memory, low_precision, materialized, sdpa_transformer_options
 from .storage import cached_or_trained
 from .text_encoder import trainable_text_encoder
-from .v3 import io
-
-WIDGETS = (io.Int.Input, io.Float.Input, io.String.Input, io.Boolean.Input, io.Combo.Input)
+from .training_inputs import WIDGETS
 
 
 @dataclass
@@ -141,15 +139,19 @@ def declared_settings(node_cls, values: dict) -> dict:
             if isinstance(i, WIDGETS) and i.id != "disk_cache"}
 
 
-def training_options(precision: str, model, method: Method, cfg_fields: dict, width: int, height: int) -> dict:
+def run_size(model, method: Method, batch: int, width: int, height: int) -> RunSize:
+    """What sets this fine-tune's memory (forgedit_ops.precision.training_bytes)."""
+    unet = model.model.diffusion_model
+    trained = sum(p.numel() for k, p in unet.named_parameters() if method.trains(k))
+    return RunSize(trained=trained, frozen=sum(p.numel() for p in unet.parameters()) - trained, batch=batch,
+                   latent_pixels=(width // 8) * (height // 8),
+                   channels=model.model.model_config.unet_config["model_channels"])
+
+
+def training_options(precision: str, model, size: RunSize) -> dict:
     """The precision preset's options on the MODEL's device; `auto` compares this run's estimated memory with the free
     memory there (RAM on a CPU, VRAM on a GPU)."""
     device = model.load_device
-    unet = model.model.diffusion_model
-    trained = sum(p.numel() for k, p in unet.named_parameters() if method.trains(k))
-    size = RunSize(trained=trained, frozen=sum(p.numel() for p in unet.parameters()) - trained,
-                   batch=cfg_fields.get("batch_size", 1), latent_pixels=(width // 8) * (height // 8),
-                   channels=model.model.model_config.unet_config["model_channels"])
     return choose_options(precision, low_precision(device), size, free_memory(model, device))
 
 
@@ -168,24 +170,30 @@ def training_latent(model, vae, image, width: int, height: int) -> tuple[torch.T
     return image, model.model.process_latent_in(vae.encode(image)).float()
 
 
+def train_method(method: Method, job: Job, model, steps: int, node_id=None, callback=None):
+    """Run the method on a training copy of the MODEL; returns (what it trained, the UNet deltas, base fingerprint)."""
+    with training_copy(model, method.trains, job.cfg, steps, node_id, callback) as run:
+        trained = method.train(job, run)
+        base = unet_fingerprint(run.base)
+        deltas = deltas_in_place(run.params, run.base)
+    return trained, deltas, base
+
+
 def fine_tune(method: Method, model, clip, vae, image, settings: dict, cfg_fields: dict, steps: int, node_id=None,
               disk_cache: bool = False) -> ForgeditResult:
     """Train `method` on one image and return its result; with disk_cache, reuse a stored result of the same inputs."""
     require_trainable(model, method)
     require_one_image(image)
-    cfg = FinetuneConfig(**cfg_fields, **training_options(settings["precision"], model, method, cfg_fields,
-                                                          settings["width"], settings["height"]))
+    width, height = settings["width"], settings["height"]
+    size = run_size(model, method, cfg_fields.get("batch_size", 1), width, height)
+    cfg = FinetuneConfig(**cfg_fields, **training_options(settings["precision"], model, size))
     e_init = encode_prompt(clip, settings[f"{method.init}_prompt"], f"{method.init}_prompt")
     uncond = encode_prompt(clip, "", "negative")
-    image, z0 = training_latent(model, vae, image, settings["width"], settings["height"])
-    job = Job(clip, z0, e_init, cfg, settings)
+    image, z0 = training_latent(model, vae, image, width, height)
 
     def train() -> ForgeditResult:
         start = time.perf_counter()
-        with training_copy(model, method.trains, cfg, steps, node_id) as run:
-            trained = method.train(job, run)
-            base = unet_fingerprint(run.base)
-            deltas = deltas_in_place(run.params, run.base)
+        trained, deltas, base = train_method(method, Job(clip, z0, e_init, cfg, settings), model, steps, node_id)
         seconds = time.perf_counter() - start
         logging.info("Forgedit %s: %d steps in %.1f s (%s)", method.name, len(trained.losses), seconds, cfg.precision)
         metadata = {"method": method.name, "base_fingerprint": base, **settings, "precision": cfg.precision,
@@ -196,88 +204,3 @@ def fine_tune(method: Method, model, clip, vae, image, settings: dict, cfg_field
 
     return cached_or_trained(disk_cache, model, {**settings, **vars(cfg)}, image, z0, e_init, train)
 
-
-def photo_inputs(clip_use: str, source_use: str) -> list:
-    """The inputs every per-image fine-tune starts with, in this order (workflows store widget values by position)."""
-    return [
-        io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
-        io.Clip.Input("clip", tooltip=f"The CLIP of the same checkpoint; {clip_use}"),
-        io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
-        io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
-        io.String.Input("source_prompt", multiline=True, default="", tooltip=f"What the image shows now: {source_use}"),
-    ]
-
-
-def size_inputs(paper: str) -> list:
-    return [io.Int.Input("width", default=512, min=64, max=2048, step=8,
-                         tooltip=f"Training and editing width; the image is stretched to it ({paper}). Multiple of 8."),
-            io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8.")]
-
-
-def precision_input(note: str = ""):
-    """The training-precision input every fine-tune offers (forgedit_ops.precision)."""
-    return io.Combo.Input("precision", options=list(PRESETS), default="auto", optional=True,
-                          tooltip="exact: fp32 like the reference (bit-for-bit parity). fast: bf16 autocast with fp32 "
-                                  "master weights (fp16 with a dynamic loss scale on GPUs without bf16). low memory: "
-                                  "fast + gradient checkpointing + Adam with an 8-bit first and a bf16 second moment, "
-                                  "stepped inside backward. auto: fast when this run's estimated memory fits the free "
-                                  "memory, else low memory. --force-fp32 makes every choice fp32." + note)
-
-
-def seed_input(tooltip: str):
-    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip=tooltip)
-
-
-def check_widgets(node_cls, values: dict) -> None:
-    """ComfyUI's own range and option checks for the given values (it skips them for inputs validate_inputs names)."""
-    for i in node_cls.define_schema().inputs:
-        value = values.get(i.id)
-        if value is None:
-            continue
-        if getattr(i, "min", None) is not None and value < i.min:
-            raise ValueError(f"{i.id} is {value}, below its minimum {i.min}")
-        if getattr(i, "max", None) is not None and value > i.max:
-            raise ValueError(f"{i.id} is {value}, above its maximum {i.max}")
-        if isinstance(i, io.Combo.Input) and value not in i.options:
-            raise ValueError(f"{i.id} {value!r} is not one of: {', '.join(map(str, i.options))}")
-
-
-# The inputs the fine-tunes' validate_inputs name (ComfyUI then leaves their range and option checks to us).
-QUEUE_CHECKED = ("width", "height", "samples", "batch_size", "source_prompt", "target_prompt", "recipe", "precision")
-
-
-def check_training_settings(node_cls, values: dict, prompts: dict[str, str]) -> None:
-    """The queue-time checks of every fine-tune (a value is None while it comes from a link): ranges and options, a
-    size the VAE can encode, samples that make at least one step, and a non-empty prompt for each of `prompts`
-    (input name → hint)."""
-    check_widgets(node_cls, {k: values.get(k) for k in QUEUE_CHECKED})
-    width, height = values.get("width"), values.get("height")
-    if width is not None and height is not None and (width % 8 or height % 8):
-        raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
-    samples, batch = values.get("samples"), values.get("batch_size")
-    if samples is not None and batch is not None and samples < batch:
-        raise ValueError(f"samples ({samples}) must be at least batch_size ({batch}): one step trains batch_size samples")
-    for name, hint in prompts.items():
-        if values.get(name) is not None and not values[name].strip():
-            raise ValueError(f"{name} is empty: {hint}")
-
-
-def queue_check(check, *args) -> bool | str:
-    """A check as V3 validate_inputs reports it: True, or the message (ComfyUI answers the prompt with HTTP 400)."""
-    try:
-        check(*args)
-    except ValueError as e:
-        return str(e)
-    return True
-
-
-DESCRIBE_SOURCE = "describe the image as it is, or connect Forgedit Caption"
-SOURCE_PROMPT = {"source_prompt": DESCRIBE_SOURCE}
-
-
-def validate_sampled_inputs(cls, width=None, height=None, samples=None, batch_size=None, source_prompt=None,
-                            precision=None):
-    """validate_inputs of the fine-tunes that train `samples` from the source prompt (Fine-tune, DreamBooth)."""
-    values = dict(width=width, height=height, samples=samples, batch_size=batch_size, source_prompt=source_prompt,
-                  precision=precision)
-    return queue_check(check_training_settings, cls, values, SOURCE_PROMPT)

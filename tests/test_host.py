@@ -102,11 +102,11 @@ def test_force_fp32_makes_every_preset_fp32(tiny, comfy, monkeypatch):
 
 def test_auto_falls_back_to_low_memory_when_the_estimate_does_not_fit(tiny, comfy, monkeypatch):
     training = comfy.pack.nodes.training
-    method = training.METHODS["forgedit"]
-    fields = {"batch_size": 4}
-    fast = training.training_options("auto", tiny["model"], method, fields, 64, 64)
+    size = training.run_size(tiny["model"], training.METHODS["forgedit"], 4, 64, 64)
+    assert size.trained + size.frozen == sum(p.numel() for p in tiny["model"].model.diffusion_model.parameters())
+    fast = training.training_options("auto", tiny["model"], size)
     monkeypatch.setattr(training, "free_memory", lambda patcher, device: 1024)
-    low = training.training_options("auto", tiny["model"], method, fields, 64, 64)
+    low = training.training_options("auto", tiny["model"], size)
     assert not fast.get("checkpointing") and low["checkpointing"] and low["moments"] == "8-bit"
 
 
