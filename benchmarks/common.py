@@ -79,7 +79,7 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--preset", default="fast", help="the pack's preset: auto, exact, fast, low memory")
+    p.add_argument("--precision", default="fast", help="the training nodes' precision: auto, exact, fast, low memory")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--json", action="store_true")

@@ -1,7 +1,7 @@
 """Fine-tune benchmark: the reference recipe (diffusers UNet, fp32, batch 10, Adam over Forgedit's trained set, a
 second fp32 UNet kept for forgetting) against this pack's fine-tune, on the same random weights and shapes.
 
-    python benchmarks/finetune.py --size {tiny,shallow,full} --resolution 256 [--preset fast] [--json]
+    python benchmarks/finetune.py --size {tiny,shallow,full} --resolution 256 [--precision fast] [--json]
 
 Each side runs in its own process, timed over a few iterations after a warm-up and scaled to 400 samples; peak memory
 is that process's peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU.
@@ -67,7 +67,7 @@ def ours(args, device) -> list[float]:
     pack = conftest._PACK
     training, method = pack.nodes.training, pack.nodes.training.METHODS["forgedit"]
     size = training.run_size(model, method, BATCH, args.resolution, args.resolution)
-    options = training.training_options(args.preset, model, size)
+    options = training.training_options(args.precision, model, size)
     ours.estimated_mb = round(pack.forgedit_ops.precision.training_bytes(size, options) / 2**20)
     cfg = pack.forgedit_ops.finetune.FinetuneConfig(samples=(args.warmup + args.iterations) * BATCH, **options)
     stamps = [time.perf_counter()]
@@ -110,13 +110,13 @@ def main():
         runs[role] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": failure(out)}
     device = runs["ours"].pop("device", runs["reference"].get("device"))
     runs["reference"].pop("device", None)
-    report = {"device": device, "size": args.size, "resolution": args.resolution, "preset": args.preset, **runs,
+    report = {"device": device, "size": args.size, "resolution": args.resolution, "precision": args.precision, **runs,
               "speedup": ratio(runs["reference"], runs["ours"], "seconds_per_400_samples"),
               "memory_ratio": ratio(runs["ours"], runs["reference"], "peak_mb")}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['size']} @ {args.resolution}px on {report['device']}, preset {args.preset}")
+        print(f"{report['size']} @ {args.resolution}px on {report['device']}, precision {args.precision}")
         for side in ("reference", "ours"):
             run = report[side]
             print(f"  {side:9s} " + (run["error"] if "error" in run else

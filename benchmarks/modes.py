@@ -1,7 +1,7 @@
-"""Training modes side by side: one image through vanilla Forgedit, Imagic (paper / diffusers presets),
+"""Training modes side by side: one image through vanilla Forgedit, Imagic (paper / diffusers recipes),
 Forgedit-Imagic and DreamBooth+Forgedit, each with its own recipe, on the same random weights and shapes.
 
-    python benchmarks/modes.py --size {tiny,shallow,full} --resolution 256 [--preset fast] [--json]
+    python benchmarks/modes.py --size {tiny,shallow,full} --resolution 256 [--precision fast] [--json]
 
 Each mode runs in its own process. Its seconds per step are timed over a few steps after a warm-up and then scaled
 to the recipe's step count. Peak memory is that process's peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU.
@@ -50,7 +50,7 @@ def measure(args) -> dict:
     training = pack.nodes.training
     method = training.METHODS[pack.forgedit_ops.imagic.RECIPES[args.mode].method if args.mode.startswith(
         ("imagic", "forgedit-imagic")) else args.mode]
-    options = training.training_options(args.preset, model,
+    options = training.training_options(args.precision, model,
                                         training.run_size(model, method, batch, args.resolution, args.resolution))
     cfg = pack.forgedit_ops.finetune.FinetuneConfig(samples=n * batch, batch_size=batch, **options)
     g = torch.Generator().manual_seed(1)
@@ -87,11 +87,11 @@ def main():
     device = next((r.pop("device") for r in runs.values() if "device" in r), "?")
     for r in runs.values():
         r.pop("device", None)
-    report = {"device": device, "size": args.size, "resolution": args.resolution, "preset": args.preset, **runs}
+    report = {"device": device, "size": args.size, "resolution": args.resolution, "precision": args.precision, **runs}
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{args.size} @ {args.resolution}px on {device}, preset {args.preset}; one image, each mode's recipe")
+    print(f"{args.size} @ {args.resolution}px on {device}, precision {args.precision}; one image, each mode's recipe")
     for mode, run in runs.items():
         print(f"  {mode:20s} " + (run["error"] if "error" in run else
                                   f"{run['seconds']:9.1f} s {run['seconds_per_stage']}   peak {run['peak_mb']} MB"))
