@@ -1,10 +1,12 @@
 """Fine-tune benchmark: the reference recipe (diffusers UNet, fp32, batch 10, Adam over Forgedit's trained set, a
-second fp32 UNet kept for forgetting) against this pack's fine-tune, on the same random weights and shapes.
+second fp32 UNet kept for forgetting), the same recipe under the autocast our precision uses, and this pack's
+fine-tune, on the same random weights and shapes.
 
     python benchmarks/finetune.py --size {tiny,shallow,full} --resolution 256 [--precision fast] [--json]
 
-Each side runs in its own process, timed over a few iterations after a warm-up and scaled to 400 samples; peak memory
-is that process's peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU.
+Each side runs in its own process, timed over a few iterations after a warm-up and scaled to 400 samples; ours also
+reports its whole wall time (copy, steps, deltas: what the node spends) and its memory estimate. Peak memory is that
+process's peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU.
 """
 import argparse
 import copy
@@ -17,6 +19,7 @@ import torch
 from common import SIZES, benchmark_parser, comfy_model, device_name, diffusers_unet, peak_mb, reference_trained, sync
 
 BATCH, SAMPLES = 10, 400
+COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def inputs(size: str, resolution: int, device):
@@ -41,13 +44,15 @@ def reference(args, device) -> list[float]:
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False)
     times = []
+    autocast = torch.autocast(device.type, dtype=COMPUTE[args.autocast], enabled=args.autocast != "fp32")
     for _ in range(args.warmup + args.iterations):
         start = time.perf_counter()
         t = torch.randint(0, 1000, (BATCH,), device=device)
         noise = torch.randn((BATCH, *z0.shape[1:]), device=device)
         x_t = sched.add_noise(z0.repeat(BATCH, 1, 1, 1), noise, t)
-        eps = unet(x_t, t, encoder_hidden_states=e.repeat(BATCH, 1, 1)).sample
-        loss = torch.nn.functional.mse_loss(eps, noise)
+        with autocast:
+            eps = unet(x_t, t, encoder_hidden_states=e.repeat(BATCH, 1, 1)).sample
+        loss = torch.nn.functional.mse_loss(eps.float(), noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -74,6 +79,8 @@ def ours(args, device) -> list[float]:
     z0, e = inputs(args.size, args.resolution, device)
     training.train_method(method, training.Job(None, z0, e, cfg, {}), model, cfg.iterations,
                           callback=lambda step, loss: stamps.append(time.perf_counter()))
+    ours.node_seconds = round(time.perf_counter() - stamps[0], 2)
+    ours.precision = cfg.precision
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -81,9 +88,10 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     times = (reference if args.role == "reference" else ours)(args, device)
     timed = times[args.warmup:]
-    estimate = {"estimated_mb": ours.estimated_mb} if args.role == "ours" else {}
+    extra = {"estimated_mb": ours.estimated_mb, "node_seconds": ours.node_seconds,
+             "precision": ours.precision} if args.role == "ours" else {}
     return {"seconds_per_400_samples": round(sum(timed) / len(timed) * SAMPLES / BATCH, 2),
-            "peak_mb": round(peak_mb(device)), **estimate, "device": device_name(device)}
+            "peak_mb": round(peak_mb(device)), **extra, "device": device_name(device)}
 
 
 def ratio(a: dict, b: dict, key: str):
@@ -97,31 +105,41 @@ def failure(out: subprocess.CompletedProcess) -> str:
     return f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}"
 
 
+def side(role: str, autocast: str = "fp32") -> dict:
+    """One side in its own process."""
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--role", role, "--autocast", autocast],
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": failure(out)}
+
+
 def main():
     parser = benchmark_parser(__doc__)
     parser.add_argument("--role", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--autocast", choices=list(COMPUTE), default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         print(json.dumps(measure(args)))
         return
-    runs = {}
-    for role in ("reference", "ours"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--role", role], capture_output=True, text=True)
-        runs[role] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": failure(out)}
+    runs = {"ours": side("ours"), "reference": side("reference")}
+    precision = runs["ours"].get("precision", "fp32")
+    if precision != "fp32":
+        runs[f"reference {precision}"] = side("reference", precision)
     device = runs["ours"].pop("device", runs["reference"].get("device"))
-    runs["reference"].pop("device", None)
+    for run in runs.values():
+        run.pop("device", None)
+    speedups = {f"speedup vs {name}": ratio(run, runs["ours"], "seconds_per_400_samples")
+                for name, run in runs.items() if name != "ours"}
     report = {"device": device, "size": args.size, "resolution": args.resolution, "precision": args.precision, **runs,
-              "speedup": ratio(runs["reference"], runs["ours"], "seconds_per_400_samples"),
-              "memory_ratio": ratio(runs["ours"], runs["reference"], "peak_mb")}
+              **speedups, "memory_ratio": ratio(runs["ours"], runs["reference"], "peak_mb")}
     if args.json:
         print(json.dumps(report))
-    else:
-        print(f"{report['size']} @ {args.resolution}px on {report['device']}, precision {args.precision}")
-        for side in ("reference", "ours"):
-            run = report[side]
-            print(f"  {side:9s} " + (run["error"] if "error" in run else
-                                     f"{run['seconds_per_400_samples']:9.1f} s / 400 samples   peak {run['peak_mb']} MB"))
-        print(f"  speedup {report['speedup']}x   memory ratio {report['memory_ratio']}")
+        return
+    print(f"{report['size']} @ {args.resolution}px on {device}, precision {args.precision}")
+    for name, run in runs.items():
+        node = f"   node {run['node_seconds']} s, estimate {run['estimated_mb']} MB" if "node_seconds" in run else ""
+        print(f"  {name:15s} " + (run["error"] if "error" in run else
+                                  f"{run['seconds_per_400_samples']:9.1f} s / 400 samples   peak {run['peak_mb']} MB{node}"))
+    print("  " + "   ".join(f"{k} {v}x" for k, v in speedups.items()) + f"   memory ratio {report['memory_ratio']}")
 
 
 if __name__ == "__main__":
