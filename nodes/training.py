@@ -1,5 +1,5 @@
-"""The one flow of every per-image fine-tune (Forgedit §3, Imagic §3.1, Forgedit §7-8): shared inputs and checks, the
-training copy, the table of methods, the metadata schema and the disk cache around it."""
+"""The one flow of every per-image fine-tune (Forgedit §3, Imagic §3.1, Forgedit §7-8): the training copy, the table
+of methods, the precision choice, the metadata schema and the disk cache around it."""
 import contextlib
 import logging
 import time
