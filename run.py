@@ -28,7 +28,7 @@ from pathlib import Path
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED, BYPASSED = 2, 4
-GAMMA_INPUTS = {"ForgeditInterpolate": "gamma", "ForgeditSampler": "gammas"}
+GAMMA_INPUTS = {"ForgeditInterpolate": "gammas", "ForgeditSampler": "gammas"}
 PRINT_LOCK = threading.Lock()
 
 

@@ -88,3 +88,17 @@ def require_matching_base(model, result: ForgeditResult) -> None:
         raise ValueError(f"this fine-tuned result was trained on another base model (fingerprint {expected}, this MODEL "
                          f"is {found}); connect the same checkpoint, with the same LoRAs, that went into Forgedit Fine-tune (or "
                          "turn on ignore_base_mismatch in Forgedit Load to apply it anyway)")
+
+
+def queue_check(check, *args) -> bool | str:
+    """A check as V3 validate_inputs reports it: True, or the message (ComfyUI answers the prompt with HTTP 400)."""
+    try:
+        check(*args)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def given(value, stand_in):
+    """A validate_inputs value: ComfyUI passes None for a linked input (known at run time), so a neutral one stands in."""
+    return stand_in if value is None else value

@@ -1,16 +1,27 @@
 """Forgedit Interpolate and Forgedit Forget: the cheap editing steps after the fine-tune (Forgedit §4-5)."""
-from comfy_api.latest import io
+import logging
 
 from ..forgedit_ops.forgetting import CUSTOM, DREAMBOOTH_STRATEGIES, STRATEGIES, forget_rule, forgetting_patches
-from ..forgedit_ops.interpolation import interpolate, parse_values
-from .common import CATEGORY, Result, require_matching_base, target_embedding
+from ..forgedit_ops.interpolation import interpolate
+from ..forgedit_ops.sweep import MAX_IMAGES, MODES, read_columns
+from .common import CATEGORY, Result, given, queue_check, require_matching_base, target_embedding
+from .v3 import io
 
 MODE_TOOLTIP = ("vs (vector subtraction): e = e_s + gamma (e_t - e_s). vp (vector projection): per token, the part of "
                 "e_t orthogonal to e_s scaled by beta (= gamma here) plus alpha e_s. The paper's TEdBench picks are mostly "
                 "vp with alpha 0.7 and beta 1.0-1.4.")
-GAMMA_TOOLTIP = ("gamma for vs, beta for vp: one value or a list ('0.5, 0.6, 0.7' or '0.5:0.7:0.1'). 0 reconstructs the "
-                 "image; the reference sweeps 0.0-1.6, the README demo uses 0.5-0.7 for vs.")
-ALPHA_TOOLTIP = "vp only: weight of the source embedding, i.e. identity preservation (reference grid 0.8, 0.9, 1.1; paper picks 0.7)."
+GAMMA_TOOLTIP = ("gamma for vs, beta for vp: one value or a list ('0.5, 0.6, 0.7' or '0.5:0.7:0.1', at most 256 values). "
+                 "0 reconstructs the image; the reference sweeps 0.0-1.6, the README demo uses 0.5-0.7 for vs, the "
+                 "paper's vp picks beta 1.0-1.4.")
+ALPHA_TOOLTIP = ("vp only (ignored in vs): weight of the source embedding, i.e. identity preservation; one value or a list "
+                 "like gammas ('0.7, 0.9' or '0.7:0.9:0.1'). Reference grid 0.8, 0.9, 1.1; the paper picks 0.7.")
+# Where Forgedit Forget marks its MODEL: model_options survives clone(), so LoRA or sampling patches downstream keep it.
+RESULT_MARK = "forgedit_result"
+
+
+def carries_result(model, result) -> bool:
+    """Whether the MODEL came out of Forgedit Forget for this result (its learned deltas, minus what was forgotten)."""
+    return model.model_options.get(RESULT_MARK) == result.token
 
 
 class ForgeditInterpolate(io.ComfyNode):
@@ -20,25 +31,32 @@ class ForgeditInterpolate(io.ComfyNode):
             node_id="ForgeditInterpolate",
             display_name="Forgedit Interpolate",
             category=CATEGORY,
-            description="Mixes the learned source embedding with the target prompt's (Forgedit §4). Several gammas give a "
-                        "batched CONDITIONING: pair it with a latent batch of the same size.",
+            description="Mixes the learned source embedding with the target prompt's (Forgedit §4). Several settings give "
+                        "a batched CONDITIONING, one row per setting in Forgedit Sampler's column order (vp: every alpha "
+                        "x every gamma, alpha-major; vs: every gamma): pair it with a latent batch of the same size.",
             inputs=[
                 Result.Input("result", tooltip="From Forgedit Fine-tune or Forgedit Load."),
                 io.Conditioning.Input("target", tooltip="CLIP Text Encode of the target prompt, e.g. 'a sitting dog'."),
-                io.Combo.Input("mode", options=["vs", "vp"], default="vs", tooltip=MODE_TOOLTIP),
-                io.String.Input("gamma", default="0.6", tooltip=GAMMA_TOOLTIP),
-                io.Float.Input("alpha", default=0.7, min=0.0, max=2.0, step=0.05, tooltip=ALPHA_TOOLTIP),
+                io.Combo.Input("mode", options=list(MODES), default="vs", tooltip=MODE_TOOLTIP),
+                io.String.Input("gammas", default="0.6", tooltip=GAMMA_TOOLTIP),
+                io.String.Input("alphas", default="0.7", tooltip=ALPHA_TOOLTIP + f" At most {MAX_IMAGES} settings."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning")],
         )
 
     @classmethod
-    def execute(cls, result, target, mode, gamma, alpha) -> io.NodeOutput:
-        gammas = parse_values(gamma, "gamma")
-        e = interpolate(result.source_embedding, target_embedding(target, result), mode, gammas, [alpha] * len(gammas))
+    def validate_inputs(cls, mode=None, gammas=None, alphas=None) -> bool | str:
+        """Queue-time check of the mode and the lists (Forgedit §4); linked ones are checked when the node runs."""
+        return queue_check(read_columns, given(mode, "vs"), given(gammas, "0"), given(alphas, "0"))
+
+    @classmethod
+    def execute(cls, result, target, mode, gammas, alphas) -> io.NodeOutput:
+        columns = read_columns(mode, gammas, alphas)
+        e = interpolate(result.source_embedding, target_embedding(target, result), mode, [g for _, g in columns],
+                        [a for a, _ in columns])
         extras = dict(target[0][1])
         if "pooled_output" in extras:
-            extras["pooled_output"] = extras["pooled_output"].expand(len(gammas), -1)
+            extras["pooled_output"] = extras["pooled_output"].expand(len(columns), -1)
         return io.NodeOutput([[e, extras]])
 
 
@@ -64,7 +82,8 @@ class ForgeditForget(io.ComfyNode):
                                        "'encoderkv only' resets just the encoder's cross-attention K/V."),
                 io.Float.Input("degree", default=0.0, min=0.0, max=1.0, step=0.05,
                                tooltip="How much of the learned weights the forgotten blocks keep: p = c learned + (1-c) "
-                                       "base. 0 = full reset (reference)."),
+                                       "base. 0 = full reset (reference). A strategy that forgets every learned tensor at "
+                                       "0 leaves the base model (logged): the edit then comes from the embedding alone."),
                 io.String.Input("forget_pattern", default="", optional=True,
                                 tooltip="custom (regex) only: a regular expression over UNet keys such as "
                                         "'input_blocks\\.[78]\\.'; matching learned tensors are forgotten."),
@@ -73,11 +92,24 @@ class ForgeditForget(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strategy=None, forget_pattern=None) -> bool | str:
+        """Queue-time check of the §5 strategy and the custom regex; linked ones are checked when the node runs."""
+        if strategy is None or (strategy == CUSTOM and forget_pattern is None):
+            return True
+        return queue_check(forget_rule, strategy, forget_pattern)
+
+    @classmethod
     def execute(cls, model, result, strategy, degree, forget_pattern="") -> io.NodeOutput:
         rule = forget_rule(strategy, forget_pattern)
         require_matching_base(model, result)
         edited = model.clone()
+        edited.model_options[RESULT_MARK] = result.token
         deltas = {"diffusion_model." + k: (d,) for k, d in result.deltas.items()}
-        for patches, strength in forgetting_patches(deltas, lambda k: rule(k.removeprefix("diffusion_model.")), degree):
+        groups = forgetting_patches(deltas, lambda k: rule(k.removeprefix("diffusion_model.")), degree)
+        for patches, strength in groups:
             edited.add_patches(patches, strength)
+        if not groups:
+            logging.warning("Forgedit Forget: strategy %r at degree %g forgets all %d learned UNet tensors; nothing learned "
+                            "remains in this MODEL, which is the base model (the edit comes from the interpolated "
+                            "embedding alone)", strategy, degree, len(deltas))
         return io.NodeOutput(edited)

@@ -52,14 +52,14 @@ def test_cpu_sweep_swaps_sub_quadratic_attention_for_sdpa_with_the_same_edits(co
 def test_interpolate_feeds_core_ksampler(tiny, finetuned):
     target, = run_node("CLIPTextEncode", clip=tiny["clip"], text="a blue square")
     negative, = run_node("CLIPTextEncode", clip=tiny["clip"], text="")
-    cond, = run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vp", gamma="1.2", alpha=0.7)
+    cond, = run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vp", gammas="1.2", alphas="0.7")
     assert cond[0][0].shape == (1, 77, 32)
     edited, = run_node("ForgeditForget", model=tiny["model"], result=finetuned, strategy="decoderattn", degree=0.0)
     empty, = run_node("EmptyLatentImage", width=64, height=64, batch_size=1)
     latent, = run_node("KSampler", model=edited, seed=1, steps=3, cfg=7.5, sampler_name="euler", scheduler="normal",
                        positive=cond, negative=negative, latent_image=empty, denoise=1.0)
     assert latent["samples"].shape == (1, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
-    three, = run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vs", gamma="0.5:0.7:0.1", alpha=0.7)
+    three, = run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vs", gammas="0.5:0.7:0.1", alphas="0.7")
     assert three[0][0].shape == (3, 77, 32) and three[0][1]["pooled_output"].shape[0] == 3
     assert_base_untouched(tiny)
 
@@ -78,7 +78,8 @@ def finetune_inputs(tiny, **overrides):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"image": torch.rand(2, 64, 64, 3)}, "batch of 2"),
-    ({"width": 60}, "multiples of 8"),
+    ({"width": 100}, "multiples of 8"),
+    ({"width": 60}, "width is 60, below its minimum 64"),
     ({"source_prompt": "  "}, "source_prompt is empty"),
     ({"source_prompt": LONG_PROMPT}, "source_prompt is longer than one 77-token window"),
     ({"samples": 3}, "at least batch_size"),
@@ -110,17 +111,17 @@ def test_finetune_rejects_sdxl(tiny):
         run_node("ForgeditFinetune", **finetune_inputs(tiny, model=sdxl))
 
 
-@pytest.mark.parametrize("gamma, message", [("", "gamma is empty"), ("0.5, big", "gamma: cannot read 'big'")])
-def test_interpolate_rejects_bad_gamma(tiny, finetuned, gamma, message):
+@pytest.mark.parametrize("gammas, message", [("", "gammas is empty"), ("0.5, big", "gammas: cannot read 'big'")])
+def test_interpolate_rejects_bad_gamma(tiny, finetuned, gammas, message):
     target, = run_node("CLIPTextEncode", clip=tiny["clip"], text="a blue square")
     with pytest.raises(ValueError, match=message):
-        run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vs", gamma=gamma, alpha=0.7)
+        run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vs", gammas=gammas, alphas="0.7")
 
 
 def test_interpolate_rejects_a_long_target(tiny, finetuned):
     target, = run_node("CLIPTextEncode", clip=tiny["clip"], text=LONG_PROMPT)
     with pytest.raises(ValueError, match="target prompt is longer than one 77-token window"):
-        run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vs", gamma="0.5", alpha=0.7)
+        run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vs", gammas="0.5", alphas="0.7")
 
 
 def test_sampler_rejects_bad_lists_and_a_model_without_the_result(tiny, finetuned):

@@ -320,12 +320,15 @@ BAD = {
     "no image file": ([], ["node 2 'Load Image' (LoadImage), input image", "Invalid image file: example.png"]),
     "unknown checkpoint": (["--checkpoint", "nope.safetensors"],
                            ["(CheckpointLoaderSimple), input ckpt_name", "'nope.safetensors' not in"]),
-    "malformed gamma": (["--set", "ForgeditInterpolate.gamma=0.5, abc"],
-                        ["'Forgedit Interpolate' (ForgeditInterpolate) failed: ValueError: gamma: cannot read 'abc'"]),
-    "too many gammas": (["--set", "ForgeditInterpolate.gamma=0:100:0.1"],
-                        ["(ForgeditInterpolate) failed: ValueError: gamma has 1001 values; at most 256"]),
-    "alpha above its maximum": (["--set", "ForgeditInterpolate.alpha=5"],
-                                ["(ForgeditInterpolate), input alpha: Value 5.0 bigger than max of 2.0"]),
+    "malformed gammas": (["--set", "ForgeditInterpolate.gammas=0.5, abc"],
+                         ["(ForgeditInterpolate), input gammas: Custom validation failed for node: gammas - gammas: "
+                          "cannot read 'abc'"]),
+    "too many gammas": (["--set", "ForgeditInterpolate.gammas=0:100:0.1"],
+                        ["(ForgeditInterpolate), input gammas: Custom validation failed for node: gammas - gammas has "
+                         "1001 values; at most 256"]),
+    "empty alpha in vp": (["--set", "ForgeditInterpolate.mode=vp", "--set", "ForgeditInterpolate.alphas=0.7,,0.9"],
+                          ["(ForgeditInterpolate), input alphas: Custom validation failed for node: alphas - alphas: "
+                           "item 2 of '0.7,,0.9' is empty"]),
     "unknown input": (["--set", "KSampler.gamma=1"], ["node 11 (KSampler) has no value input 'gamma'"]),
 }
 
@@ -408,7 +411,7 @@ def test_batch_spreads_the_edits_over_two_servers(server, models, photos, tmp_pa
         for entry in ran["first"] + ran["second"]:
             assert entry["status"]["status_str"] == "success"
             nodes = {n["_meta"]["title"]: n["inputs"] for n in entry["prompt"][2].values()}
-            settings.add((nodes["Target prompt"]["text"], nodes["Forgedit Interpolate"]["gamma"],
+            settings.add((nodes["Target prompt"]["text"], nodes["Forgedit Interpolate"]["gammas"],
                           nodes["Forgedit Forget"]["strategy"]))
         assert settings == {("a blue disc", "0.5", "decoderattn"), ("a sitting dog", "0.7", "encoderattn"),
                             ("a green disc", "0.6", "donotforget"), ("a red square", "0.6", "noencoder")}
