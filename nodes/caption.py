@@ -7,7 +7,7 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from ..forgedit_ops.caption import source_prompt, to_pil
-from .common import CATEGORY, require_one_image
+from .common import CATEGORY, check_widgets, queue_check, require_one_image
 from .v3 import io
 
 folder_paths.add_model_folder_path("blip", os.path.join(folder_paths.models_dir, "blip"))
@@ -66,6 +66,10 @@ class ForgeditCaption(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="source_prompt")],
         )
+
+    @classmethod
+    def validate_inputs(cls, blip_model=None):
+        return queue_check(check_widgets, cls, {"blip_model": blip_model})
 
     @classmethod
     def execute(cls, image, blip_model, target_prompt="") -> io.NodeOutput:

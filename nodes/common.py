@@ -102,3 +102,18 @@ def queue_check(check, *args) -> bool | str:
 def given(value, stand_in):
     """A validate_inputs value: ComfyUI passes None for a linked input (known at run time), so a neutral one stands in."""
     return stand_in if value is None else value
+
+
+def check_widgets(node_cls, values: dict) -> None:
+    """ComfyUI's range and option checks for the given values (None: linked, known at run time). ComfyUI skips them for
+    the inputs a validate_inputs names, and 0.3.64 never checks a V3 node's combo options at queue time."""
+    for i in node_cls.define_schema().inputs:
+        value = values.get(i.id)
+        if value is None:
+            continue
+        if getattr(i, "min", None) is not None and value < i.min:
+            raise ValueError(f"{i.id} is {value}, below its minimum {i.min}")
+        if getattr(i, "max", None) is not None and value > i.max:
+            raise ValueError(f"{i.id} is {value}, above its maximum {i.max}")
+        if isinstance(i, io.Combo.Input) and value not in i.options:
+            raise ValueError(f"{i.id} {value!r} is not one of: {', '.join(map(str, i.options))}")

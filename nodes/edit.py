@@ -24,6 +24,12 @@ def carries_result(model, result) -> bool:
     return model.model_options.get(RESULT_MARK) == result.token
 
 
+def check_forgetting(strategy, forget_pattern) -> None:
+    """Queue-time check of the §5 strategy and the custom regex; linked ones (None) are checked when the node runs."""
+    if strategy is not None and not (strategy == CUSTOM and forget_pattern is None):
+        forget_rule(strategy, forget_pattern)
+
+
 class ForgeditInterpolate(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -93,10 +99,7 @@ class ForgeditForget(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strategy=None, forget_pattern=None) -> bool | str:
-        """Queue-time check of the §5 strategy and the custom regex; linked ones are checked when the node runs."""
-        if strategy is None or (strategy == CUSTOM and forget_pattern is None):
-            return True
-        return queue_check(forget_rule, strategy, forget_pattern)
+        return queue_check(check_forgetting, strategy, forget_pattern)
 
     @classmethod
     def execute(cls, model, result, strategy, degree, forget_pattern="") -> io.NodeOutput:

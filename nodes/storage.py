@@ -9,7 +9,8 @@ import folder_paths
 from ..forgedit_ops.forgetting import CUSTOM, DREAMBOOTH_STRATEGIES, STRATEGIES, forget_rule
 from ..forgedit_ops.result import ForgeditResult, fingerprint
 from ..forgedit_ops.storage import DTYPES, FORMAT, cache_key, load_result, lora_state_dict, metadata_header, save_result, write
-from .common import CATEGORY, Result, loaded_unet, unet_fingerprint
+from .common import CATEGORY, Result, check_widgets, loaded_unet, queue_check, unet_fingerprint
+from .edit import check_forgetting
 from .v3 import io, ui
 
 folder_paths.add_model_folder_path("forgedit", os.path.join(folder_paths.models_dir, "forgedit"))
@@ -98,6 +99,10 @@ class ForgeditSave(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dtype=None):
+        return queue_check(check_widgets, cls, {"dtype": dtype})
+
+    @classmethod
     def execute(cls, result, filename_prefix, dtype) -> io.NodeOutput:
         path = save_path(folder_paths.get_folder_paths("forgedit")[0], filename_prefix)
         save_result(result, path, dtype, PACK_VERSION)
@@ -122,6 +127,10 @@ class ForgeditLoad(io.ComfyNode):
             ],
             outputs=[Result.Output(display_name="result")],
         )
+
+    @classmethod
+    def validate_inputs(cls, file=None):
+        return queue_check(check_widgets, cls, {"file": file})
 
     @classmethod
     def execute(cls, file, ignore_base_mismatch) -> io.NodeOutput:
@@ -159,6 +168,13 @@ class ForgeditExportLora(io.ComfyNode):
             outputs=[],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, strategy=None, dtype=None, forget_pattern=None):
+        def check():
+            check_widgets(cls, {"dtype": dtype})
+            check_forgetting(strategy, forget_pattern)
+        return queue_check(check)
 
     @classmethod
     def execute(cls, result, strategy, degree, filename_prefix, dtype, forget_pattern="") -> io.NodeOutput:

@@ -1,6 +1,6 @@
 """The inputs every per-image fine-tune declares, and their queue-time checks (V3 validate_inputs)."""
 from ..forgedit_ops.precision import PRESETS
-from .common import queue_check
+from .common import check_widgets, queue_check
 from .v3 import io
 
 WIDGETS = (io.Int.Input, io.Float.Input, io.String.Input, io.Boolean.Input, io.Combo.Input)
@@ -35,20 +35,6 @@ def precision_input(note: str = ""):
 
 def seed_input(tooltip: str):
     return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip=tooltip)
-
-
-def check_widgets(node_cls, values: dict) -> None:
-    """ComfyUI's own range and option checks for the given values (it skips them for inputs validate_inputs names)."""
-    for i in node_cls.define_schema().inputs:
-        value = values.get(i.id)
-        if value is None:
-            continue
-        if getattr(i, "min", None) is not None and value < i.min:
-            raise ValueError(f"{i.id} is {value}, below its minimum {i.min}")
-        if getattr(i, "max", None) is not None and value > i.max:
-            raise ValueError(f"{i.id} is {value}, above its maximum {i.max}")
-        if isinstance(i, io.Combo.Input) and value not in i.options:
-            raise ValueError(f"{i.id} {value!r} is not one of: {', '.join(map(str, i.options))}")
 
 
 # The inputs the fine-tunes' validate_inputs name (ComfyUI then leaves their range and option checks to us).

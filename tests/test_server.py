@@ -330,6 +330,11 @@ BAD = {
                           ["(ForgeditInterpolate), input alphas: Custom validation failed for node: alphas - alphas: "
                            "item 2 of '0.7,,0.9' is empty"]),
     "unknown input": (["--set", "KSampler.gamma=1"], ["node 11 (KSampler) has no value input 'gamma'"]),
+    "empty source prompt": (["--set", "ForgeditFinetune.source_prompt= "],
+                            ["(ForgeditFinetune), input source_prompt: Custom validation failed for node: source_prompt "
+                             "- source_prompt is empty"]),
+    "unknown precision": (["--set", "ForgeditFinetune.precision=fastest"],
+                          ["(ForgeditFinetune), input precision", "precision 'fastest' is not one of: auto, exact"]),
 }
 
 

@@ -1,10 +1,8 @@
 """Forgedit Sampler's sweep in a real ComfyUI: every cell is the image core KSampler makes alone at its seed, whatever
-the batch; Forget's mark; negative checks; queue-time validation through ComfyUI's own validate_prompt."""
-import asyncio
+the batch; Forget's mark; negative checks."""
 import dataclasses
 import logging
 
-import execution
 import nodes
 import pytest
 import torch
@@ -130,103 +128,3 @@ def test_negative_is_checked_like_the_target(tiny, finetuned, prompts, edited):
 def test_a_direct_call_fails_clearly(tiny, finetuned, prompts, edited, overrides, message):
     with pytest.raises(ValueError, match=message):
         sweep(edited, finetuned, prompts["target"], tiny["vae"], **overrides)
-
-
-# --- queue time: ComfyUI's own validate_prompt calls the nodes' validate_inputs -------------------------------------
-
-class Sources:
-    """Stands in for the loaders and Forgedit Fine-tune: validation never runs a node."""
-    RETURN_TYPES = ("MODEL", "VAE", "FORGEDIT_RESULT", "CONDITIONING")
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-
-class Sink:
-    RETURN_TYPES = ()
-    FUNCTION = "show"
-    OUTPUT_NODE = True
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"value": ("*",)}}
-
-
-@pytest.fixture(scope="module")
-def test_nodes():
-    added = {"TestSources": Sources, "TestSink": Sink}
-    nodes.NODE_CLASS_MAPPINGS.update(added)
-    yield
-    for name in added:
-        nodes.NODE_CLASS_MAPPINGS.pop(name)
-
-
-MODEL, VAE, RESULT, TARGET = (["1", i] for i in range(4))
-NODES = {
-    "ForgeditSampler": {"model": MODEL, "result": RESULT, "target": TARGET, "vae": VAE, "mode": "vs",
-                        "gammas": "0.5, 0.6", "alphas": "0.7", "seeds": "0, 1", "steps": 3, "cfg": 7.5,
-                        "sampler_name": "euler_ancestral", "scheduler": "forgedit_reference", "batch_size": 4},
-    "ForgeditInterpolate": {"result": RESULT, "target": TARGET, "mode": "vs", "gammas": "0.6", "alphas": "0.7"},
-    "ForgeditForget": {"model": MODEL, "result": RESULT, "strategy": "encoderattn", "degree": 0.0,
-                       "forget_pattern": ""},
-}
-
-
-def validate(class_type, **inputs):
-    prompt = {"1": {"class_type": "TestSources", "inputs": {}},
-              "2": {"class_type": class_type, "inputs": {**NODES[class_type], **inputs}},
-              "3": {"class_type": "TestSink", "inputs": {"value": ["2", 0]}}}
-    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("validate", prompt, None))
-    return valid, node_errors
-
-
-@pytest.mark.parametrize("class_type", NODES)
-def test_good_prompts_validate(test_nodes, class_type):
-    assert validate(class_type) == (True, {})
-
-
-@pytest.mark.parametrize("class_type, inputs, name, message", [
-    ("ForgeditSampler", {"gammas": "0.5,,0.7"}, "gammas", "gammas: item 2 of '0.5,,0.7' is empty"),
-    ("ForgeditSampler", {"seeds": "0, 1.5"}, "seeds", "seeds: '1.5' is not a seed"),
-    ("ForgeditSampler", {"gammas": "0:2.55:0.01", "seeds": "0:4:1"}, "seeds",
-     "gammas x seeds = 256 x 5 = 1280 images; at most 1024"),
-    ("ForgeditSampler", {"mode": "vp", "alphas": "0.7, x"}, "alphas", "alphas: cannot read 'x'"),
-    ("ForgeditSampler", {"mode": "xx"}, "mode", "mode must be 'vs' or 'vp', got 'xx'"),
-    # ComfyUI 0.3.64 checks no V3 combo against its options: the node does
-    ("ForgeditSampler", {"sampler_name": "nope"}, "sampler_name", "sampler_name 'nope' is not a ComfyUI sampler"),
-    ("ForgeditSampler", {"scheduler": "nope"}, "scheduler", "scheduler 'nope' is not forgedit_reference"),
-    ("ForgeditInterpolate", {"gammas": "0.5, abc"}, "gammas", "gammas: cannot read 'abc'"),
-    ("ForgeditInterpolate", {"mode": "vp", "alphas": "0.7,"}, "alphas", "alphas: item 2 of '0.7,' is empty"),
-    ("ForgeditInterpolate", {"mode": "vp", "gammas": "0:2.55:0.01", "alphas": "0:0.4:0.1"}, "alphas",
-     "alphas x gammas = 5 x 256 = 1280 settings; at most 1024"),
-    ("ForgeditForget", {"strategy": "custom (regex)"}, "forget_pattern", "forget_pattern is empty"),
-    ("ForgeditForget", {"strategy": "custom (regex)", "forget_pattern": "("}, "forget_pattern",
-     "forget_pattern is not a valid regular expression"),
-    ("ForgeditForget", {"strategy": "forgeteverything"}, "strategy", "unknown forgetting strategy 'forgeteverything'"),
-])
-def test_bad_lists_and_patterns_fail_at_queue_time(test_nodes, class_type, inputs, name, message):
-    valid, node_errors = validate(class_type, **inputs)
-    assert valid is False and list(node_errors) == ["2"] and node_errors["2"]["class_type"] == class_type
-    errors = {e["extra_info"]["input_name"]: e for e in node_errors["2"]["errors"]}
-    assert errors[name]["type"] == "custom_validation_failed" and message in errors[name]["details"]
-
-
-def test_alphas_are_not_read_in_vs_and_comfyui_still_checks_the_numbers(test_nodes):
-    assert validate("ForgeditSampler", alphas="x")[0] is True
-    assert validate("ForgeditInterpolate", alphas="x")[0] is True
-    valid, node_errors = validate("ForgeditSampler", steps=0)
-    assert valid is False and [e["type"] for e in node_errors["2"]["errors"]] == ["value_smaller_than_min"]
-
-
-def test_a_linked_list_is_left_to_execute(test_nodes):
-    """ComfyUI passes validate_inputs None for a linked input: the node checks its value when it runs."""
-    prompt = {"1": {"class_type": "TestSources", "inputs": {}},
-              "4": {"class_type": "PrimitiveString", "inputs": {"value": "0.5,,0.7"}},
-              "2": {"class_type": "ForgeditSampler", "inputs": {**NODES["ForgeditSampler"], "gammas": ["4", 0]}},
-              "3": {"class_type": "TestSink", "inputs": {"value": ["2", 0]}}}
-    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("validate", prompt, None))
-    assert valid is True and node_errors == {}
