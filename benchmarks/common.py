@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / sub) for sub in ("comfy", "")]
 
 # block_out_channels, cross-attention width. shallow: the SD1.5 block layout with 320 channels at every level.
 SIZES = {"tiny": ((32, 64, 128, 128), 32), "shallow": ((320,) * 4, 768), "full": ((320, 640, 1280, 1280), 768)}

@@ -3,7 +3,6 @@ the batch; Forget's mark; negative checks."""
 import dataclasses
 import logging
 
-import nodes
 import pytest
 import torch
 from conftest import run_node

@@ -505,7 +505,7 @@ async def load_in_browser(url: str, profile: Path, names: list[str], shots: Path
 
 
 def test_the_frontend_loads_each_workflow_unchanged(server, object_info, tmp_path):
-    shots = Path(__file__).resolve().parents[1] / "out" / "screenshots"  # kept as the test's artifact (git-ignored)
+    shots = PACK / "out" / "screenshots"  # kept as the test's artifact (git-ignored)
     shots.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(load_in_browser(server.url, tmp_path / "profile", NAMES, shots))
     for name, result in results.items():
