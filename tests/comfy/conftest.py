@@ -90,6 +90,19 @@ def finetuned(tiny):
 
 
 @contextlib.contextmanager
+def registered(**classes):
+    """Test-only node classes known to ComfyUI while the block runs, as a custom node pack registers them."""
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.update(classes)
+    try:
+        yield
+    finally:
+        for name in classes:
+            nodes.NODE_CLASS_MAPPINGS.pop(name)
+
+
+@contextlib.contextmanager
 def cancel_at(step: int):
     """Press Cancel when a node's progress bar reaches `step` (the server's progress hook, as main.py installs it);
     yields the progress values seen."""

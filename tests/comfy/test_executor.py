@@ -2,10 +2,9 @@
 import inspect
 
 import execution
-import nodes
 import pytest
 import torch
-from conftest import FINETUNE, assert_base_untouched
+from conftest import FINETUNE, assert_base_untouched, registered
 
 
 class MessageLog:
@@ -50,11 +49,8 @@ def graph_nodes(tiny):
         def show(self, images):
             return {"ui": {"shape": [list(images.shape)]}}
 
-    added = {"TinySD15Loader": TinySD15Loader, "ImageShape": ImageShape}
-    nodes.NODE_CLASS_MAPPINGS.update(added)
-    yield
-    for name in added:
-        nodes.NODE_CLASS_MAPPINGS.pop(name)
+    with registered(TinySD15Loader=TinySD15Loader, ImageShape=ImageShape):
+        yield
 
 
 def prompt(gammas="0.5, 0.7", strategy="encoderattn", seeds="1", train_seed=0):

@@ -5,6 +5,7 @@ import asyncio
 import execution
 import nodes
 import pytest
+from conftest import registered
 
 
 class Sources:
@@ -31,11 +32,8 @@ class Sink:
 
 @pytest.fixture(scope="module")
 def test_nodes():
-    added = {"TestSources": Sources, "TestSink": Sink}
-    nodes.NODE_CLASS_MAPPINGS.update(added)
-    yield
-    for name in added:
-        nodes.NODE_CLASS_MAPPINGS.pop(name)
+    with registered(TestSources=Sources, TestSink=Sink):
+        yield
 
 
 MODEL, VAE, RESULT, TARGET, CLIP, IMAGE = (["1", i] for i in range(6))
