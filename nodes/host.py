@@ -1,10 +1,11 @@
 """What the training code needs from the ComfyUI it runs in, across versions: fully materialised weights, the device,
-free memory, the attention override and the precision the device trains fast in (comfyui-compat notes R1-R4)."""
+free memory, the attention override and the precision the device trains fast in (ComfyUI 0.3.64 to the DynamicVRAM
+versions of 2026)."""
 import comfy.ldm.modules.attention as attention
 import comfy.model_management
 import torch
 
-# Attributes DynamicVRAM (ComfyUI >= 0.3x on NVIDIA) hangs on modules: device-memory handles, pinned host buffers and
+# Attributes DynamicVRAM (the NVIDIA default of ComfyUI since 2026) hangs on modules: device-memory handles, pinned host buffers and
 # per-op patch functions. Some hold ctypes callbacks that cannot be deep-copied; none belongs in a training copy.
 RUNTIME_HANDLES = ("_v", "_pin_state", "_pins", "_prefetch", "weight_lowvram_function", "bias_lowvram_function",
                    "_v_weight", "_v_bias", "_v_signature", "_v_block")
