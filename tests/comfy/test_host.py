@@ -127,3 +127,18 @@ def test_a_unet_without_forgedits_blocks_is_refused_before_training(tiny, comfy)
 def test_results_show_their_size_to_comfyuis_ram_cache(finetuned):
     tensors = finetuned._comfy_cache_tensors()
     assert len(tensors) == len(finetuned.deltas) + 2 and all(t.device.type == "cpu" for t in tensors)
+
+
+def test_sdpa_goes_through_comfyuis_own_setter_where_it_has_one(tiny, comfy):
+    class NewerPatcher(model_patcher.ModelPatcher):
+        def set_model_optimized_attention(self, optimized_attention):
+            self.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = (
+                lambda _, *args, **kwargs: optimized_attention(*args, **kwargs))
+            self.chosen = optimized_attention
+
+    newer = NewerPatcher(tiny["model"].model, torch.device("cpu"), torch.device("cpu"))
+    options = comfy.pack.nodes.host.sdpa_transformer_options(newer)
+    assert "optimized_attention_override" in options
+    assert "optimized_attention_override" not in newer.model_options.get("transformer_options", {})
+    fast = comfy.pack.nodes.host.with_sdpa(newer)
+    assert fast.chosen is comfy.pack.nodes.host.attention.attention_pytorch
