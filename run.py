@@ -1,39 +1,64 @@
 #!/usr/bin/env python3
-"""Run a shipped Forgedit workflow (UI format, as ComfyUI saves it) on one or more running ComfyUI servers.
+"""Run a shipped Forgedit workflow (UI format, as ComfyUI saves it) on ComfyUI: one it starts, or running servers.
 
     python run.py workflows/forgedit_vanilla.json --image dog.png --target "a sitting dog"
     python run.py workflows/forgedit_vanilla.json --batch edits.csv --server http://gpu1:8188 --server http://gpu2:8188
 
-The workflow is converted to an API prompt with the server's /object_info, the image is uploaded, the prompt queued,
-progress is shown from the websocket and the images end up in --out. Standard library only.
+Without --server, run.py uses the ComfyUI it kept running (--keep-server) or the one at 127.0.0.1:8188, else starts
+the ComfyUI that holds this pack in custom_nodes/ (or --comfyui PATH, or $COMFYUI_PATH) and stops it afterwards.
+The workflow is converted to an API prompt with the server's /object_info (workflow_api.py), the image is uploaded, the
+prompt queued, progress is shown from the websocket and the images end up in --out. Standard library and aiohttp (a
+ComfyUI requirement).
 """
 import argparse
-import base64
+import asyncio
 import csv
+import hashlib
+import importlib.util
 import json
 import mimetypes
 import os
 import queue
 import re
+import shlex
+import shutil
+import signal
 import socket
-import ssl
+import subprocess
 import sys
+import tempfile
 import threading
+import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-MUTED, BYPASSED = 2, 4
-GAMMA_INPUTS = {"ForgeditInterpolate": "gammas", "ForgeditSampler": "gammas"}
+PACK = Path(__file__).resolve().parent
+DEFAULT_SERVER = "http://127.0.0.1:8188"
 PRINT_LOCK = threading.Lock()
 
 
-class RunError(Exception):
-    """A problem with the workflow, the command line or the server's answer; the message says what to fix."""
+def _load_workflow_api():
+    """workflow_api.py beside this file, under a name of its own (the pack root is no place for sys.path: its nodes/
+    would shadow ComfyUI's nodes module in a process that imported ComfyUI)."""
+    name = "forgedit_workflow_api"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK / "workflow_api.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+workflow_api = _load_workflow_api()
+RunError, MUTED, BYPASSED = workflow_api.RunError, workflow_api.MUTED, workflow_api.BYPASSED
+widget_inputs, input_spec, convert = workflow_api.widget_inputs, workflow_api.input_spec, workflow_api.convert
+set_input, set_target, set_class_input = workflow_api.set_input, workflow_api.set_target, workflow_api.set_class_input
+missing_model_files = workflow_api.missing_model_files
+GAMMA_INPUTS = {"ForgeditInterpolate": "gammas", "ForgeditSampler": "gammas"}
 
 
 def say(*lines: str, file=None) -> None:
@@ -44,21 +69,29 @@ def say(*lines: str, file=None) -> None:
 
 # --- HTTP ---------------------------------------------------------------------------------------------------------
 
-def http(server: str, path: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
+def http(server: str, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 120) -> bytes:
     """GET (or POST when data is given) server+path and return the body; HTTP errors raise urllib's HTTPError."""
     request = urllib.request.Request(server.rstrip("/") + path, data, headers or {})
-    with urllib.request.urlopen(request, timeout=120) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read()
 
 
-def get_json(server: str, path: str):
+def get_json(server: str, path: str, timeout: float = 120):
     """GET a JSON document."""
-    return json.loads(http(server, path))
+    return json.loads(http(server, path, timeout=timeout))
 
 
 def post_json(server: str, path: str, body: dict):
     """POST a JSON document and decode the JSON answer."""
     return json.loads(http(server, path, json.dumps(body).encode(), {"Content-Type": "application/json"}) or b"null")
+
+
+def answers(server: str, timeout: float = 3) -> bool:
+    """Whether a ComfyUI answers GET /system_stats there."""
+    try:
+        return "system" in get_json(server, "/system_stats", timeout)
+    except (OSError, ValueError):
+        return False
 
 
 def upload_image(server: str, path: Path) -> str:
@@ -73,269 +106,265 @@ def upload_image(server: str, path: Path) -> str:
     return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
 
-# --- websocket (RFC 6455 client, just what ComfyUI's /ws needs) ----------------------------------------------------
+# --- websocket (aiohttp, driven from the calling thread) -------------------------------------------------------------
 
 class WebSocket:
-    """Receives ComfyUI's status messages; sends nothing but pongs and the closing frame."""
+    """ComfyUI's /ws for one client id, read synchronously: each worker thread runs its own small event loop."""
 
     def __init__(self, server: str, client_id: str, timeout: float = 30):
-        url = urllib.parse.urlsplit(server)
-        secure = url.scheme == "https"
-        self.sock = socket.create_connection((url.hostname, url.port or (443 if secure else 80)), timeout)
-        if secure:
-            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=url.hostname)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {url.path.rstrip('/')}/ws?clientId={client_id} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        self.buffer, self.parts, self.kind = b"", [], 1
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self._recv()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        if b" 101 " not in head.split(b"\r\n")[0]:
-            raise RunError(f"{server} refused the websocket: {head.splitlines()[0].decode(errors='replace')}")
+        import aiohttp
 
-    def _recv(self) -> bytes:
-        """Whatever the socket has (socket.timeout after the timeout); a closed connection raises."""
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the websocket")
-        return chunk
+        self.timeout, self.loop = timeout, asyncio.new_event_loop()
+        url = f"{server.rstrip('/')}/ws?clientId={client_id}"
 
-    def _frame(self) -> tuple[int, bytes] | None:
-        """Take one whole frame (first byte, unmasked payload) off the buffer, or None if it is not all there yet."""
-        b = self.buffer
-        if len(b) < 2:
-            return None
-        n, at = b[1] & 0x7F, 2
-        if n > 125:
-            at += 2 if n == 126 else 8
-            if len(b) < at:
-                return None
-            n = int.from_bytes(b[2:at], "big")
-        mask = b[at:at + 4] if b[1] & 0x80 else None
-        at += 4 if mask is not None else 0
-        if len(b) < at + n:
-            return None
-        payload, self.buffer = b[at:at + n], b[at + n:]
-        if mask is not None:
-            payload = bytes(x ^ mask[i % 4] for i, x in enumerate(payload))
-        return b[0], payload
+        async def connect():
+            session = aiohttp.ClientSession()
+            try:
+                return session, await session.ws_connect(url, max_msg_size=0)
+            except BaseException:
+                await session.close()
+                raise
+        try:
+            self.session, self.ws = self.loop.run_until_complete(connect())
+        except (aiohttp.ClientError, OSError) as e:
+            self.loop.close()
+            raise RunError(f"{server}: cannot open the websocket: {type(e).__name__}: {e}") from None
 
-    def _send(self, opcode: int, payload: bytes = b"") -> None:
-        """One masked frame (clients must mask); payloads here are at most 125 bytes."""
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+    def receive(self, timeout: float | None = None) -> str | bytes:
+        """The next message: text as str, binary (previews) as bytes. TimeoutError when nothing came in time;
+        ConnectionError once the server closed the connection."""
+        import aiohttp
 
-    def receive(self) -> str | bytes:
-        """The next whole message: text as str, binary (previews) as bytes. socket.timeout when nothing came in time."""
-        while True:
-            frame = self._frame()
-            if frame is None:
-                self.buffer += self._recv()  # a timeout here keeps what was read for the next call
-                continue
-            head, payload = frame
-            opcode = head & 0x0F
-            if opcode == 8:
-                raise ConnectionError("the server closed the websocket")
-            if opcode == 9:
-                self._send(0xA, payload[:125])
-            elif opcode != 0xA:
-                self.kind = self.kind if opcode == 0 else opcode
-                self.parts.append(payload)
-                if head & 0x80:
-                    message, self.parts = b"".join(self.parts), []
-                    return message.decode() if self.kind == 1 else message
+        message = self.loop.run_until_complete(self.ws.receive(timeout=timeout or self.timeout))
+        if message.type == aiohttp.WSMsgType.TEXT:
+            return message.data
+        if message.type == aiohttp.WSMsgType.BINARY:
+            return message.data
+        raise ConnectionError(f"the server closed the websocket ({message.type.name})")
 
     def close(self) -> None:
-        """Say goodbye and close the socket."""
+        """Close the connection, the session and the loop."""
+        async def close():
+            await self.ws.close()
+            await self.session.close()
         try:
-            self._send(8)
-        except OSError:
+            self.loop.run_until_complete(asyncio.wait_for(close(), 10))
+        except (OSError, TimeoutError):
             pass
-        self.sock.close()
+        finally:
+            self.loop.close()
 
 
-# --- UI workflow -> API prompt -------------------------------------------------------------------------------------
+# --- a ComfyUI of our own ------------------------------------------------------------------------------------------
 
-def widget_inputs(info: dict) -> list[tuple[str, int]]:
-    """(name, frontend-only values after it) of each widget input, in the order the frontend stores widgets_values."""
-    widgets = []
-    for section in ("required", "optional"):
-        specs = info["input"].get(section, {})
-        for name in info.get("input_order", {}).get(section, list(specs)):
-            kind, options = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
-            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
-                # The frontend adds a control_after_generate widget where asked (and, by legacy convention, to INTs
-                # named seed/noise_seed that do not say), and an upload button value after upload combos.
-                control = options.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed"))
-                upload = any(v is True for k, v in options.items() if k.endswith("_upload"))
-                widgets.append((name, int(bool(control)) + int(upload)))
-    return widgets
-
-
-def input_spec(info: dict, name: str):
-    """The (type, options) of an input, or None."""
-    for section in ("required", "optional"):
-        if name in info["input"].get(section, {}):
-            spec = info["input"][section][name]
-            return spec[0], (spec[1] if len(spec) > 1 else {})
+def find_comfyui(given: str | Path | None = None) -> Path | None:
+    """The ComfyUI to start: --comfyui, else $COMFYUI_PATH, else the ComfyUI whose custom_nodes/ holds this pack."""
+    candidates = [given, os.environ.get("COMFYUI_PATH")] if given else [os.environ.get("COMFYUI_PATH")]
+    if PACK.parent.name == "custom_nodes":
+        candidates.append(PACK.parent.parent)
+    for c in filter(None, candidates):
+        if (Path(c) / "main.py").is_file() and (Path(c) / "comfy").is_dir():
+            return Path(c).resolve()
+        if c == given:
+            raise RunError(f"--comfyui {given}: not a ComfyUI folder (no main.py and comfy/ in it)")
     return None
 
 
-def node_title(node: dict, info: dict | None) -> str:
-    """The title the canvas shows: the node's own, else the class's display name."""
-    return node.get("title") or (info or {}).get("display_name") or node["type"]
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def convert(workflow: dict, object_info: dict) -> tuple[dict, dict]:
-    """The API prompt of a UI workflow, and the PrimitiveNodes it inlined ({id: {title, targets: [(node, input)]}})."""
-    if "nodes" not in workflow or "links" not in workflow:
-        raise RunError("this is not a UI-format workflow (no nodes/links): save it from ComfyUI with Workflow > Save")
-    if workflow.get("definitions", {}).get("subgraphs"):
-        raise RunError("workflows with subgraphs are not supported: unpack the subgraphs in ComfyUI and save again")
-    nodes = {str(n["id"]): n for n in workflow["nodes"]}
-    links = {}
-    for link in filter(None, workflow["links"]):
-        if isinstance(link, dict):
-            link = [link[k] for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
-        links[link[0]] = link
-    prompt, primitives = {}, {}
-
-    def source(link_id, target, name):
-        """What a link delivers: [node id, output slot], an inlined primitive value, or None (muted source)."""
-        _, origin, slot, *_, kind = links[link_id]
-        node = nodes[str(origin)]
-        if node.get("mode", 0) == MUTED:
-            return None
-        if node["type"] == "Reroute":
-            upstream = node["inputs"][0].get("link")
-            return None if upstream is None else source(upstream, target, name)
-        if node["type"] == "PrimitiveNode":
-            entry = primitives.setdefault(str(origin), {"title": node.get("title") or "Primitive", "targets": []})
-            entry["targets"].append((target, name))
-            return node["widgets_values"][0]
-        if node.get("mode", 0) == BYPASSED:
-            inputs = node.get("inputs", [])
-            same = [i for i in ([inputs[slot]] if slot < len(inputs) else []) + inputs if i.get("type") == kind]
-            if not same:
-                raise RunError(f"node {origin} '{node_title(node, object_info.get(node['type']))}' ({node['type']}) is "
-                               f"bypassed but has no {kind} input to pass on to its output {slot}: enable or remove it")
-            return source(same[0]["link"], target, name) if same[0].get("link") is not None else None
-        return [str(origin), slot]
-
-    for nid, node in nodes.items():
-        if node.get("mode", 0) in (MUTED, BYPASSED) or node["type"] in FRONTEND_ONLY:
-            continue
-        info = object_info.get(node["type"])
-        if info is None:
-            raise RunError(f"node {nid} '{node.get('title', node['type'])}' is a {node['type']}, which this server "
-                           "does not have: install the custom node pack that provides it (or update ComfyUI)")
-        values = node.get("widgets_values") or []
-        inputs = {}
-        if isinstance(values, dict):
-            inputs = {name: values[name] for name, _ in widget_inputs(info) if name in values}
-        else:
-            position = 0
-            for name, extras in widget_inputs(info):
-                if position < len(values):
-                    inputs[name] = values[position]
-                position += 1 + extras
-        for slot in node.get("inputs", []):
-            if slot.get("link") is not None:
-                value = source(slot["link"], nid, slot["name"])
-                if value is None:
-                    inputs.pop(slot["name"], None)
-                else:
-                    inputs[slot["name"]] = value
-        prompt[nid] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node_title(node, info)}}
-    return prompt, primitives
+def option_value(args: list[str], name: str) -> str | None:
+    """The value of a --name VALUE / --name=VALUE option in an argument list."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
-# --- setting inputs ------------------------------------------------------------------------------------------------
+def pack_installed(comfyui: Path, comfyui_args: list[str]) -> bool:
+    """Whether that ComfyUI loads this pack by itself (a folder or link to it in its custom_nodes/)."""
+    nodes = Path(option_value(comfyui_args, "--base-directory") or comfyui) / "custom_nodes"
+    return nodes.is_dir() and any(p.resolve() == PACK for p in nodes.iterdir() if p.is_dir())
 
-def typed(value: str, spec, what: str):
-    """A command-line string as the type the input declares."""
-    kind = spec[0] if spec else "STRING"
+
+def comfyui_command(comfyui: Path, port: int, comfyui_args: list[str], workdir: Path) -> list[str]:
+    """`python main.py` for a local server on port. When the ComfyUI does not hold this pack, a custom_nodes folder in
+    workdir links to it and an extra_model_paths file (ComfyUI's own mechanism, which also takes custom_nodes) adds
+    that folder; models stay in the ComfyUI's default folders."""
+    command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), *comfyui_args]
+    if not pack_installed(comfyui, comfyui_args):
+        nodes = workdir / "custom_nodes"
+        nodes.mkdir(parents=True, exist_ok=True)
+        if not (nodes / "forgedit").exists():
+            (nodes / "forgedit").symlink_to(PACK, target_is_directory=True)
+        config = workdir / "forgedit_pack.yaml"
+        config.write_text(f"forgedit_pack:\n  custom_nodes: {json.dumps(str(nodes))}\n", encoding="utf-8")
+        command += ["--extra-model-paths-config", str(config)]
+    return command
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file."""
     try:
-        if kind == "INT":
-            return int(value)
-        if kind == "FLOAT":
-            return float(value)
-    except ValueError:
-        raise RunError(f"{what} takes a number, not {value!r}") from None
-    if kind == "BOOLEAN":
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise RunError(f"{what} takes true or false, not {value!r}")
-        return value.lower() in ("true", "1", "yes", "on")
-    return value
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
-def find_nodes(prompt: dict, primitives: dict, key: str) -> list[str]:
-    """Ids of the nodes (or inlined PrimitiveNodes) whose id is key; else whose title is; else whose class type is."""
-    table = {**{i: (n["_meta"]["title"], n["class_type"]) for i, n in prompt.items()},
-             **{i: (p["title"], "PrimitiveNode") for i, p in primitives.items()}}
-    for field in (lambda i: i, lambda i: table[i][0], lambda i: table[i][1]):
-        found = [i for i in table if field(i) == key]
-        if found:
-            return found
-    return []
+def start_comfyui(comfyui: Path, comfyui_args: list[str], workdir: Path, port: int | None = None) -> subprocess.Popen:
+    """Start ComfyUI (this Python, its own process group, output to workdir/comfyui.log); returns the process, with
+    .url and .log set. Does not wait: see wait_ready."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "comfyui.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(comfyui_command(comfyui, port, comfyui_args, workdir), cwd=comfyui, stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    process.url, process.log = f"http://127.0.0.1:{port}", log
+    return process
 
 
-def set_input(prompt: dict, primitives: dict, object_info: dict, assignment: str) -> None:
-    """Apply one --set NODE.INPUT=VALUE (NODE: node id, title or class type; for a PrimitiveNode INPUT is 'value')."""
-    target, sep, value = assignment.partition("=")
-    key, dot, name = target.rpartition(".")
-    if not (sep and dot and key and name):
-        raise RunError(f"--set {assignment!r}: write NODE.INPUT=VALUE, e.g. ForgeditSampler.steps=30 or 7.seed=3")
-    ids = find_nodes(prompt, primitives, key)
-    if not ids:
-        raise RunError(f"--set {assignment!r}: no node has the id, title or class type {key!r}")
-    for i in ids:
-        if i in primitives:
-            fields = {field for _, field in primitives[i]["targets"]}
-            if name != "value" and name not in fields:
-                raise RunError(f"--set {assignment!r}: {key!r} is a primitive; set it with {key}.value=...")
-            for node, field in primitives[i]["targets"]:
-                info = object_info[prompt[node]["class_type"]]
-                prompt[node]["inputs"][field] = typed(value, input_spec(info, field), f"primitive {key!r}")
-            continue
-        info = object_info[prompt[i]["class_type"]]
-        spec = input_spec(info, name)
-        widgets = [w for w, _ in widget_inputs(info)]
-        if spec is None or name not in widgets:
-            raise RunError(f"--set {assignment!r}: node {i} ({prompt[i]['class_type']}) has no value input {name!r}; "
-                           f"it has {', '.join(widgets) or 'none'}")
-        prompt[i]["inputs"][name] = typed(value, spec, f"{prompt[i]['class_type']}.{name}")
+def wait_ready(process: subprocess.Popen, deadline: float, needs: str = "ForgeditFinetune") -> None:
+    """Until GET /object_info answers with the pack's nodes; RunError with the log's tail if the process exits or the
+    deadline (seconds) passes."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise RunError(f"ComfyUI exited with status {process.returncode} while starting; the end of its log "
+                           f"({process.log}):\n{log_tail(process.log)}")
+        try:
+            info = get_json(process.url, "/object_info", timeout=30)
+            if needs in info:
+                return
+            raise RunError(f"ComfyUI at {process.url} started without the Forgedit nodes; the end of its log "
+                           f"({process.log}):\n{log_tail(process.log)}")
+        except (OSError, ValueError):
+            time.sleep(0.5)
+    raise RunError(f"ComfyUI did not answer within {deadline:g} s; the end of its log ({process.log}):\n"
+                   f"{log_tail(process.log)}")
 
 
-def set_target(prompt: dict, text: str) -> None:
-    """Put the target prompt into every CLIP Text Encode that feeds a `target` input of a Forgedit node, and into every
-    Forgedit `target_prompt` widget (Caption's 'A photo of' rule, Imagic's initial embedding)."""
-    found = 0
-    for node in prompt.values():
-        link = node["inputs"].get("target")
-        if node["class_type"].startswith("Forgedit") and isinstance(link, list):
-            encoder = prompt[link[0]]
-            if encoder["class_type"] != "CLIPTextEncode" or isinstance(encoder["inputs"].get("text"), list):
-                raise RunError(f"--target: node {link[0]} ({encoder['class_type']}) feeds the target but is not a CLIP "
-                               "Text Encode with its own text; set the text with --set instead")
-            encoder["inputs"]["text"] = text
-            found += 1
-        if node["class_type"].startswith("Forgedit") and isinstance(node["inputs"].get("target_prompt"), str):
-            node["inputs"]["target_prompt"] = text
-    if not found:
-        raise RunError("--target: no CLIP Text Encode feeds the target input of a Forgedit node in this workflow")
+def stop_process(pid: int, process: subprocess.Popen | None = None, grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after grace seconds; only this pid."""
+    if process is not None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < end:
+        time.sleep(0.2)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
-def set_class_input(prompt: dict, classes: dict, value, option: str) -> None:
-    """Set {class type: input} on every node of those classes; an error if the workflow has none."""
-    nodes = [n for n in prompt.values() if n["class_type"] in classes]
-    if not nodes:
-        raise RunError(f"{option}: this workflow has no {' or '.join(classes)} node")
-    for node in nodes:
-        node["inputs"][classes[node["class_type"]]] = value
+def alive(pid: int) -> bool:
+    """Whether a process runs with this pid (a zombie does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+def state_file(comfyui: Path, comfyui_args: list[str]) -> Path:
+    """Where a --keep-server ComfyUI is recorded: one file per ComfyUI folder and argument list, in
+    $FORGEDIT_STATE_DIR or the temp folder."""
+    key = hashlib.sha1("\0".join([str(comfyui), *comfyui_args]).encode()).hexdigest()[:12]
+    return Path(os.environ.get("FORGEDIT_STATE_DIR") or tempfile.gettempdir()) / f"forgedit-comfyui-{key}.json"
+
+
+def kept_server(state: Path) -> dict | None:
+    """The recorded server if it still runs and answers; a stale record is removed."""
+    try:
+        kept = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return None
+    if alive(kept["pid"]) and answers(kept["url"], timeout=15):  # a busy server still answers, if slowly
+        return kept
+    state.unlink(missing_ok=True)
+    return None
+
+
+class LocalServer:
+    """The server run.py uses when no --server is given: the kept one, the one at 127.0.0.1:8188, or a fresh one
+    (stopped by close() unless kept)."""
+
+    def __init__(self, args):
+        self.process, self.workdir, self.url, self.keep = None, None, None, args.keep_server
+        comfyui = find_comfyui(args.comfyui)
+        comfyui_args = shlex.split(args.comfyui_args or "")
+        state = state_file(comfyui, comfyui_args) if comfyui else None
+        kept = kept_server(state) if state else None
+        if kept:
+            self.url = kept["url"]
+            say(f"using the ComfyUI kept running at {self.url} (pid {kept['pid']}, log {kept['log']})")
+            return
+        if answers(DEFAULT_SERVER):
+            self.url = DEFAULT_SERVER
+            return
+        if comfyui is None:
+            raise RunError(f"nothing answers at {DEFAULT_SERVER} and there is no ComfyUI to start: pass --comfyui PATH "
+                           "(or set COMFYUI_PATH, or put this pack into ComfyUI/custom_nodes/), or --server URL")
+        if args.keep_server:
+            self.workdir = state.with_suffix("")
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="forgedit-comfyui-"))
+        self.process = start_comfyui(comfyui, comfyui_args, self.workdir)
+        self.url = self.process.url
+        say(f"starting ComfyUI {comfyui} (pid {self.process.pid}) at {self.url}, log {self.process.log}")
+        try:
+            wait_ready(self.process, args.start_timeout)
+        except BaseException:
+            self.close(stop=True)
+            raise
+        say(f"ComfyUI is ready at {self.url}")
+        if args.keep_server:
+            state.write_text(json.dumps({"pid": self.process.pid, "url": self.url, "log": str(self.process.log),
+                                         "comfyui": str(comfyui), "args": comfyui_args}))
+            say(f"keeping it running for the next call (recorded in {state}; stop it with --stop-server)")
+
+    def close(self, stop: bool = False) -> None:
+        """Stop the server this object started, unless it is kept (stop=True stops it anyway)."""
+        if self.process is None or (self.keep and not stop):
+            return
+        stop_process(self.process.pid, self.process)
+        say(f"stopped ComfyUI (pid {self.process.pid})")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.process = None
+
+
+def stop_kept_server(args) -> int:
+    """--stop-server: stop the ComfyUI a --keep-server call left running for this ComfyUI and --comfyui-args."""
+    comfyui = find_comfyui(args.comfyui)
+    state = state_file(comfyui, shlex.split(args.comfyui_args or "")) if comfyui else None
+    kept = json.loads(state.read_text()) if state and state.is_file() else None
+    if kept is None:
+        say("no kept ComfyUI is recorded for this ComfyUI and --comfyui-args")
+        return 0
+    stop_process(kept["pid"])
+    state.unlink(missing_ok=True)
+    shutil.rmtree(state.with_suffix(""), ignore_errors=True)
+    say(f"stopped ComfyUI (pid {kept['pid']}) at {kept['url']}")
+    return 0
 
 
 # --- one edit on one server ----------------------------------------------------------------------------------------
@@ -391,7 +420,9 @@ def show(message: str, prompt: dict, prompt_id: str, shown: dict, log) -> bool:
         tenth = value * 10 // max(total, 1)
         if shown.get(node) != tenth or value == total:
             shown[node] = tenth
-            log(f"  {prompt.get(node, {}).get('_meta', {}).get('title', node)}: step {value}/{total}")
+            title = prompt.get(node, {}).get("_meta", {}).get("title", node)
+            filled = 20 * value // max(total, 1)
+            log(f"  {title}: step {value}/{total} [{'#' * filled}{'.' * (20 - filled)}]")
     return kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id
 
 
@@ -407,16 +438,32 @@ def finished(server: str, prompt_id: str) -> dict | None:
         return None
 
 
-def follow(server: str, ws: WebSocket, prompt: dict, prompt_id: str, log) -> dict:
-    """Show progress until the prompt is done (asking /history whenever the websocket is quiet); its /history entry."""
+def cancel(server: str, prompt_id: str) -> None:
+    """Take the prompt off the queue, or interrupt it if it runs (ComfyUI interrupts only that prompt)."""
+    try:
+        post_json(server, "/queue", {"delete": [prompt_id]})
+        post_json(server, "/interrupt", {"prompt_id": prompt_id})
+    except (OSError, ValueError):
+        pass
+
+
+def follow(server: str, ws: WebSocket, prompt: dict, prompt_id: str, log, timeout: float | None = None) -> dict:
+    """Show progress until the prompt is done (asking /history whenever the websocket is quiet); its /history entry.
+    After timeout seconds the prompt is cancelled and RunError raised."""
     shown, entry = {}, None
+    deadline = None if timeout is None else time.monotonic() + timeout
     while entry is None:
+        wait = 30 if deadline is None else min(30.0, max(0.05, deadline - time.monotonic()))
         try:
-            message = ws.receive()
+            message = ws.receive(wait)
         except TimeoutError:
             message = None
         if message is None or isinstance(message, str) and show(message, prompt, prompt_id, shown, log):
             entry = finished(server, prompt_id)
+        if entry is None and deadline is not None and time.monotonic() >= deadline:
+            cancel(server, prompt_id)
+            raise RunError(f"timed out after {timeout:g} s (--timeout); the prompt {prompt_id} was cancelled "
+                           f"on {server}")
     return entry
 
 
@@ -450,11 +497,28 @@ def download(server: str, prompt: dict, entry: dict, out: Path, log) -> list[Pat
     return saved
 
 
+def check_model_files(server: str, prompt: dict, object_info: dict) -> None:
+    """RunError naming every model file the prompt names that the server does not have, and the folder it belongs in."""
+    missing = missing_model_files(prompt, object_info)
+    if not missing:
+        return
+    try:
+        folders = get_json(server, "/internal/folder_paths", timeout=30)
+    except (OSError, ValueError):
+        folders = {}
+    lines = []
+    for node_id, name, value, folder, options in missing:
+        where = (folders.get(folder) or [f"models/{folder}"])[0]  # the first is where ComfyUI's own files go
+        have = ", ".join(options[:8]) + (", ..." if len(options) > 8 else "") if options else "none"
+        lines.append(f"{describe(prompt, node_id)}, input {name}: no file {value!r} in {where} on {server} "
+                     f"(it has: {have}); put the file there or choose another with --set {node_id}.{name}=...")
+    raise RunError("\n".join(["a model file the workflow names is missing (nothing was queued):", *lines]))
+
+
 def run_job(server: str, object_info: dict, workflow: dict, job: dict, args, log) -> list[Path]:
-    """Convert, set the inputs, upload, queue, follow and download one edit; raises RunError when it fails."""
+    """Convert, set the inputs, check the model files, upload, queue, follow and download one edit; raises RunError
+    when it fails."""
     prompt, primitives = convert(workflow, object_info)
-    if job.get("image"):
-        set_class_input(prompt, {"LoadImage": "image"}, upload_image(server, Path(job["image"])), "--image")
     if job.get("target"):
         set_target(prompt, job["target"])
     if args.checkpoint:
@@ -465,12 +529,15 @@ def run_job(server: str, object_info: dict, workflow: dict, job: dict, args, log
         set_class_input(prompt, {"ForgeditForget": "strategy"}, job["strategy"], "strategy")
     for assignment in args.set:
         set_input(prompt, primitives, object_info, assignment)
+    check_model_files(server, prompt, object_info)
+    if job.get("image"):
+        set_class_input(prompt, {"LoadImage": "image"}, upload_image(server, Path(job["image"])), "--image")
     client_id = uuid.uuid4().hex
     ws = WebSocket(server, client_id)
     try:
         prompt_id = queue_prompt(server, prompt, client_id)
         log(f"queued {prompt_id} on {server}")
-        entry = follow(server, ws, prompt, prompt_id, log)
+        entry = follow(server, ws, prompt, prompt_id, log, args.timeout)
     finally:
         ws.close()
     saved = download(server, prompt, entry, job["out"], log)
@@ -497,12 +564,28 @@ def read_batch(path: Path, out: Path) -> list[dict]:
     return jobs
 
 
-def worker(server: str, jobs: queue.Queue, workflow: dict, args, failures: list) -> None:
-    """Take jobs until none are left (one thread per server)."""
+def read_batch(path: Path, out: Path) -> list[dict]:
+    """Jobs from a CSV with columns image,target and optional gamma,strategy (image paths relative to the CSV)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"image", "target"} <= set(rows[0]):
+        raise RunError(f"{path}: needs a header row with the columns image,target (and optionally gamma,strategy)")
+    jobs = []
+    for n, row in enumerate(rows, 1):
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", row["target"]).strip("-")[:40]
+        jobs.append({"label": f"{n}/{len(rows)}", "image": path.parent / row["image"], "target": row["target"],
+                     "gamma": (row.get("gamma") or "").strip(), "strategy": (row.get("strategy") or "").strip(),
+                     "out": out / f"{n:03d}-{slug}"})
+    return jobs
+
+
+def worker(server: str, jobs: queue.Queue, workflow: dict, args, failures: list, done: list) -> None:
+    """Take jobs until none are left (one thread per server). Every job taken ends in done or in failures, whatever
+    goes wrong, a bug in run.py included."""
     try:
         object_info = get_json(server, "/object_info")
-    except (OSError, ValueError) as e:
-        failures.append(f"{server}: cannot reach the server ({e})")
+    except Exception as e:  # noqa: BLE001  an unreachable server, or a broken answer
+        failures.append(f"{server}: cannot reach the server ({type(e).__name__}: {e})")
         say(f"error: cannot reach {server} ({e})", file=sys.stderr)
         return
     while True:
@@ -514,34 +597,77 @@ def worker(server: str, jobs: queue.Queue, workflow: dict, args, failures: list)
         log = lambda line: say(prefix + line)  # noqa: E731
         try:
             run_job(server, object_info, workflow, job, args, log)
+            done.append(job)
         except (RunError, OSError) as e:
             text = str(e) if isinstance(e, RunError) else f"{server}: {type(e).__name__}: {e}"
             failures.append(prefix + text)
             say(*(prefix + line for line in text.splitlines()), file=sys.stderr)
+        except Exception as e:  # noqa: BLE001  a bug: report it with its traceback, go on with the next job
+            text = f"{server}: run.py crashed: {type(e).__name__}: {e}"
+            failures.append(prefix + text)
+            say(*(prefix + line for line in traceback.format_exc().splitlines()), prefix + text, file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workflow", type=Path, help="a UI-format workflow, e.g. workflows/forgedit_vanilla.json")
+    parser.add_argument("workflow", type=Path, nargs="?",
+                        help="a UI-format workflow, e.g. workflows/forgedit_vanilla.json")
     parser.add_argument("--image", type=Path, help="the photo to edit; goes to every Load Image node")
     parser.add_argument("--target", help="the target prompt, e.g. 'a sitting dog'")
     parser.add_argument("--checkpoint", help="checkpoint file name for Load Checkpoint (as in models/checkpoints)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="set any value; NODE is a node id, title or class type (repeatable)")
-    parser.add_argument("--server", action="append", help="ComfyUI URL (repeatable; default http://127.0.0.1:8188)")
+    parser.add_argument("--server", action="append",
+                        help="ComfyUI URL (repeatable); without it run.py uses or starts a local ComfyUI")
     parser.add_argument("--out", type=Path, default=Path("forgedit_out"),
                         help="where the images go (default ./forgedit_out)")
     parser.add_argument("--batch", type=Path,
                         help="CSV of edits: image,target[,gamma][,strategy]; spread over the servers")
-    return parser.parse_args(argv)
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="cancel an edit that is not done this many seconds after it was queued")
+    local = parser.add_argument_group("a local ComfyUI (without --server)")
+    local.add_argument("--comfyui", type=Path, metavar="PATH",
+                       help="the ComfyUI to start (default $COMFYUI_PATH, else the one holding this pack)")
+    local.add_argument("--comfyui-args", metavar="ARGS", default="",
+                       help="more arguments for its main.py, one string, e.g. '--lowvram' or '--cpu'")
+    local.add_argument("--keep-server", action="store_true",
+                       help="leave the started ComfyUI running; later calls reuse it (its cache keeps the fine-tune)")
+    local.add_argument("--stop-server", action="store_true", help="stop the ComfyUI --keep-server left running")
+    local.add_argument("--start-timeout", type=float, default=300, metavar="SECONDS",
+                       help="how long to wait for it to start (default 300)")
+    args = parser.parse_args(argv)
+    if args.workflow is None and not args.stop_server:
+        parser.error("the workflow file is required")
+    return args
+
+
+def run_jobs(servers: list[str], workflow: dict, jobs: list[dict], args) -> int:
+    """Every job over the servers (one worker thread each); 0 when each one succeeded."""
+    todo, failures, done = queue.Queue(), [], []
+    for job in jobs:
+        todo.put(job)
+    threads = [threading.Thread(target=worker, args=(s, todo, workflow, args, failures, done), daemon=True)
+               for s in servers]  # daemons: Ctrl-C ends run.py (and stops the ComfyUI it started) at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not todo.empty():
+        failures.append(f"{todo.qsize()} edits were not run: no server could be reached")
+    if len(done) != len(jobs) and not failures:
+        failures.append(f"{len(jobs) - len(done)} edits did not finish")
+    if failures and len(jobs) > 1:
+        say(f"{len(jobs) - len(done)} of {len(jobs)} edits failed:", *failures, file=sys.stderr)
+    return 0 if len(done) == len(jobs) and not failures else 1
 
 
 def main(argv=None) -> int:
     """Run one edit, or every row of --batch spread over the servers; 0 when everything succeeded."""
     args = parse_args(argv)
-    servers = args.server or ["http://127.0.0.1:8188"]
     try:
+        if args.stop_server:
+            return stop_kept_server(args)
         workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
         jobs = read_batch(args.batch, args.out) if args.batch else [
             {"image": args.image, "target": args.target, "out": args.out}]
@@ -552,19 +678,17 @@ def main(argv=None) -> int:
     if missing:
         say(f"error: no such image: {', '.join(missing)}", file=sys.stderr)
         return 1
-    todo, failures = queue.Queue(), []
-    for job in jobs:
-        todo.put(job)
-    threads = [threading.Thread(target=worker, args=(s, todo, workflow, args, failures)) for s in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if not todo.empty():
-        failures.append(f"{todo.qsize()} edits were not run: no server could be reached")
-    if failures and len(jobs) > 1:
-        say(f"{len(failures)} of {len(jobs)} edits failed:", *failures, file=sys.stderr)
-    return 1 if failures else 0
+    local = None
+    try:
+        if not args.server:
+            local = LocalServer(args)
+        return run_jobs(args.server or [local.url], workflow, jobs, args)
+    except RunError as e:
+        say(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if local is not None:
+            local.close()
 
 
 if __name__ == "__main__":

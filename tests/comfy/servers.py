@@ -1,0 +1,172 @@
+"""Real ComfyUI servers on CPU for the server tests (test_workflows.py, test_runner.py): a throwaway base directory with
+a generated random SD1.5-layout checkpoint and a tiny random BLIP, started by run.py's own start_comfyui (which hands
+ComfyUI this pack through an extra custom_nodes folder). Test files import the fixtures they use from here."""
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from find_comfyui import PACK, comfyui_path
+from PIL import Image, ImageDraw
+from test_caption import blip_root  # noqa: F401  the tiny random BLIP folder (a session fixture)
+
+WORKFLOWS = PACK / "workflows"
+NAMES = ["forgedit_vanilla", "forgedit_reedit_saved", "forgedit_single_gamma_ksampler", "imagic", "forgedit_imagic",
+         "dreambooth_forgedit"]
+CHECKPOINT = "shallow_sd15.safetensors"
+SERVER_ARGS = ["--cpu", "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
+TRAIN = ["--set", "ForgeditFinetune.samples=4", "--set", "ForgeditFinetune.batch_size=2"]
+SAMPLE = ["--set", "ForgeditSampler.steps=2", "--set", "ForgeditSampler.gammas=0.6, 0.8", "--set",
+          "ForgeditSampler.seeds=0", "--set", "ForgeditSampler.batch_size=2"]
+SMALL = {  # CPU-sized settings for each workflow: 64 x 64, 2 training steps, 2 sampling steps
+    "forgedit_vanilla": [*TRAIN, "--set", "ForgeditFinetune.width=64", "--set", "ForgeditFinetune.height=64",
+                         "--set", "ForgeditCaption.blip_model=tiny-blip", "--set", "ForgeditSampler.steps=2",
+                         "--set", "ForgeditSampler.gammas=0.5, 0.7", "--set", "ForgeditSampler.seeds=0, 1",
+                         "--set", "ForgeditSampler.batch_size=2"],
+    "forgedit_reedit_saved": ["--set", "ForgeditSampler.steps=2", "--set", "ForgeditSampler.gammas=0.4:0.8:0.2",
+                              "--set", "ForgeditSampler.seeds=3", "--set", "Forgedit Sampler.batch_size=2"],
+    "forgedit_single_gamma_ksampler": [*TRAIN, "--set", "width.value=64", "--set", "height.value=64",
+                                       "--set", "KSampler.steps=2"],
+    "imagic": ["--set", "ForgeditImagic.text_steps=2", "--set", "ForgeditImagic.unet_steps=2", "--set",
+               "ForgeditImagic.width=64", "--set", "ForgeditImagic.height=64", *SAMPLE],
+    "forgedit_imagic": ["--set", "ForgeditImagic.text_steps=2", "--set", "ForgeditImagic.unet_steps=2", "--set",
+                        "ForgeditImagic.width=64", "--set", "ForgeditImagic.height=64", *SAMPLE],
+    "dreambooth_forgedit": ["--set", "ForgeditDreamBooth.samples=4", "--set", "ForgeditDreamBooth.batch_size=2",
+                            "--set", "ForgeditDreamBooth.width=64", "--set", "ForgeditDreamBooth.height=64",
+                            "--set", "ForgeditCaption.blip_model=tiny-blip", *SAMPLE],
+}
+IMAGES = {"forgedit_vanilla": 1 + 4, "forgedit_reedit_saved": 1 + 3, "forgedit_single_gamma_ksampler": 1}
+
+
+def load_run():
+    """run.py as a module (it is a script at the pack root, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("forgedit_run", PACK / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load_run()
+
+
+def prepare_base(base: Path, models: dict[str, Path]) -> Path:
+    """A ComfyUI base directory (--base-directory) holding the test models as links, and settings that skip the
+    frontend's first-run tutorial. No custom_nodes: run.py's start_comfyui adds this pack."""
+    for folder in ("custom_nodes", "models/checkpoints", "models/blip", "models/forgedit", "input", "output"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for relative, target in models.items():
+        (base / relative).symlink_to(target)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
+    return base
+
+
+class Server:
+    """`python main.py --cpu` in a throwaway base directory, started as run.py starts a local ComfyUI."""
+
+    def __init__(self, base: Path, models: dict[str, Path]):
+        self.base = prepare_base(base, models)
+        self.process = run.start_comfyui(comfyui_path(), [*SERVER_ARGS, "--base-directory", str(base)], base / "run")
+        self.url = self.process.url
+
+    def wait(self, timeout: float = 180) -> None:
+        """Until /object_info answers with the pack's nodes (10-15 s on one core)."""
+        try:
+            run.wait_ready(self.process, timeout)
+        except run.RunError as e:
+            raise AssertionError(str(e)) from None
+
+    def get(self, path: str):
+        return run.get_json(self.url, path)
+
+    def post(self, path: str, body: dict):
+        return run.post_json(self.url, path, body)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return run.log_tail(self.process.log, lines)
+
+    def stop(self) -> None:
+        run.stop_process(self.process.pid, self.process)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll condition() until it is truthy (returned) or timeout seconds pass (AssertionError naming what)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(comfy, tmp_path_factory) -> Path:
+    """The random shallow SD1.5 checkpoint file, written once (0.48 GB)."""
+    from checkpoint_file import write_shallow_sd15
+
+    path = tmp_path_factory.mktemp("checkpoints") / CHECKPOINT
+    write_shallow_sd15(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(checkpoint, blip_root) -> dict[str, Path]:  # noqa: F811
+    return {f"models/checkpoints/{CHECKPOINT}": checkpoint, "models/blip/tiny-blip": blip_root / "tiny-blip"}
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    """One ComfyUI server shared by the tests of a module."""
+    s = Server(tmp_path_factory.mktemp("comfyui"), models)
+    try:
+        s.wait()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[Path]:
+    """Two small 'photos': a red disc and a yellow square on gradients."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, (shape, colour) in enumerate((("ellipse", (220, 40, 40)), ("rectangle", (230, 200, 40)))):
+        ramp = np.linspace(0, 1, 96)[None, :, None] * np.array([40, 90, 200]) + np.linspace(0, 60, 72)[:, None, None]
+        image = Image.fromarray(ramp.clip(0, 255).astype(np.uint8))
+        getattr(ImageDraw.Draw(image), shape)((24, 14, 70, 58), fill=colour)
+        paths.append(folder / f"photo{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def run_cli(workflow: str, *args, servers=(), cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """python run.py workflows/<workflow>.json ... as a user types it."""
+    command = [sys.executable, str(PACK / "run.py"), str(WORKFLOWS / f"{workflow}.json"), "--checkpoint", CHECKPOINT]
+    for url in servers:
+        command += ["--server", url]
+    return subprocess.run(command + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def run_small(server, workflow: str, out: Path, *args, image=None, target="a sitting dog"):
+    extra = ["--image", image] if image else []
+    return run_cli(workflow, *extra, "--target", target, "--out", out, *SMALL[workflow], *args, servers=[server.url])
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.png"))
