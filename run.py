@@ -564,21 +564,6 @@ def read_batch(path: Path, out: Path) -> list[dict]:
     return jobs
 
 
-def read_batch(path: Path, out: Path) -> list[dict]:
-    """Jobs from a CSV with columns image,target and optional gamma,strategy (image paths relative to the CSV)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"image", "target"} <= set(rows[0]):
-        raise RunError(f"{path}: needs a header row with the columns image,target (and optionally gamma,strategy)")
-    jobs = []
-    for n, row in enumerate(rows, 1):
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", row["target"]).strip("-")[:40]
-        jobs.append({"label": f"{n}/{len(rows)}", "image": path.parent / row["image"], "target": row["target"],
-                     "gamma": (row.get("gamma") or "").strip(), "strategy": (row.get("strategy") or "").strip(),
-                     "out": out / f"{n:03d}-{slug}"})
-    return jobs
-
-
 def worker(server: str, jobs: queue.Queue, workflow: dict, args, failures: list, done: list) -> None:
     """Take jobs until none are left (one thread per server). Every job taken ends in done or in failures, whatever
     goes wrong, a bug in run.py included."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from find_comfyui import PACK, comfyui_path
+from servers import run
 
 try:
     import tomllib
@@ -164,9 +165,4 @@ def test_a_real_server_serves_the_help_pages_where_the_frontend_fetches_them(tmp
                 get(f"{url}/extensions/forgedit/docs/ForgeditFinetune/en.md")
             assert get(f"{url}/extensions/forgedit/icon.svg") == (WEB / "icon.svg").read_bytes()
         finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            run.stop_process(process.pid, process)

@@ -130,12 +130,7 @@ async def load_in_browser(url: str, profile: Path, names: list[str], shots: Path
                 (shots / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
         return results
     finally:
-        browser.terminate()
-        try:
-            browser.wait(30)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
+        run.stop_process(browser.pid, browser, grace=30)
 
 
 def test_the_frontend_loads_each_workflow_unchanged(server, object_info, tmp_path):
