@@ -1,7 +1,6 @@
 """Real ComfyUI servers on CPU for the server tests (test_workflows.py, test_runner.py): a throwaway base directory with
 a generated random SD1.5-layout checkpoint and a tiny random BLIP, started by run.py's own start_comfyui (which hands
 ComfyUI this pack through an extra custom_nodes folder). Test files import the fixtures they use from here."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from find_comfyui import PACK, comfyui_path
+from find_comfyui import PACK, comfyui_path, load_module
 from PIL import Image, ImageDraw
 from test_caption import blip_root  # noqa: F401  the tiny random BLIP folder (a session fixture)
 
@@ -42,15 +41,7 @@ SMALL = {  # CPU-sized settings for each workflow: 64 x 64, 2 training steps, 2 
 IMAGES = {"forgedit_vanilla": 1 + 4, "forgedit_reedit_saved": 1 + 3, "forgedit_single_gamma_ksampler": 1}
 
 
-def load_run():
-    """run.py as a module (it is a script at the pack root, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("forgedit_run", PACK / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = load_run()
+run = load_module("forgedit_run", "run.py")
 
 
 def prepare_base(base: Path, models: dict[str, Path]) -> Path:

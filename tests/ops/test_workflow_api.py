@@ -1,26 +1,18 @@
 """The UI -> API converter (workflow_api.py) offline, against a committed /object_info snapshot of this pack and the
 core nodes the shipped workflows use (tests/ops/data/object_info.json; tests/comfy/test_workflows.py checks that it
 still equals a real server's). No ComfyUI import: standard library and the shipped files."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from find_comfyui import PACK
+from find_comfyui import PACK, load_module
 
 WORKFLOWS = PACK / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("forgedit_workflow_api", PACK / "workflow_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-api = _load()
+api = load_module("forgedit_workflow_api", "workflow_api.py")
 
 
 @pytest.fixture(scope="module")
