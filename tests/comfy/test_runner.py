@@ -99,6 +99,22 @@ def test_a_rejected_prompt_is_an_http_400_with_node_errors(server, object_info):
     assert errors == {"1": {("ckpt_name", "value_not_in_list")}, "2": {("image", "custom_validation_failed")}}
 
 
+def test_a_bad_gamma_list_is_an_http_400_before_anything_trains(server, object_info, photos):
+    prompt, primitives = run.convert(load_workflow("forgedit_single_gamma_ksampler"), object_info)
+    for assignment in (f"CheckpointLoaderSimple.ckpt_name={CHECKPOINT}", "ForgeditInterpolate.gammas=0.5,,0.7"):
+        run.set_input(prompt, primitives, object_info, assignment)
+    run.set_class_input(prompt, {"LoadImage": "image"}, run.upload_image(server.url, photos[0]), "--image")
+    history = server.get("/history")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        server.post("/prompt", {"prompt": prompt})
+    body = json.loads(e.value.read())
+    interpolate = next(i for i, n in prompt.items() if n["class_type"] == "ForgeditInterpolate")
+    assert e.value.code == 400 and list(body["node_errors"]) == [interpolate]
+    errors = {e["extra_info"]["input_name"]: e["details"] for e in body["node_errors"][interpolate]["errors"]}
+    assert "item 2 of '0.5,,0.7' is empty" in errors["gammas"]  # ComfyUI files it under each input validate_inputs takes
+    assert server.get("/history") == history and server.get("/queue") == {"queue_running": [], "queue_pending": []}
+
+
 def test_interrupt_stops_a_finetune_and_the_next_prompt_runs(server, object_info, photos, tmp_path):
     prompt, primitives = run.convert(load_workflow("forgedit_single_gamma_ksampler"), object_info)
     for assignment in ("width.value=64", "height.value=64", "ForgeditFinetune.samples=400", "KSampler.steps=2",
