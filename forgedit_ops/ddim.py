@@ -53,3 +53,17 @@ def ddim_invert(eps_fn: EpsFn, z0: torch.Tensor, context: torch.Tensor, abar: to
 def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2021): ε_∅ + w·(ε_c − ε_∅)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, abar: torch.Tensor,
+                steps: int, guidance: float, callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """The reference's guided DDIM denoising from x_T over the same timesteps (descending), no noise: the
+    reconstruction a plain inversion gives under guidance."""
+    stride = len(abar) // steps
+    z = x_T
+    for i, t in enumerate(inversion_timesteps(steps, len(abar))[::-1]):
+        eps = guided(eps_fn(z, t, uncond), eps_fn(z, t, context), guidance)
+        z = ddim_prev(eps, z, abar[t], abar_before(abar, t, stride))
+        if callback is not None:
+            callback(i)
+    return z

@@ -12,6 +12,15 @@ def stretch_resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor
     return x.clamp(0, 1).movedim(1, -1)
 
 
+def center_crop_resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The inversion references' preprocessing (P2P's load_512): the centred crop of the image's largest
+    width:height region, then the stretch resize (a square crop at 512², as the reference)."""
+    h, w = image.shape[1:3]
+    crop_w, crop_h = min(w, round(h * width / height)), min(h, round(w * height / width))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return stretch_resize(image[:, top:top + crop_h, left:left + crop_w], width, height)
+
+
 def labelled_grid(images: torch.Tensor, rows: int, cols: int, row_labels: list[str], col_labels: list[str]) -> torch.Tensor:
     """Tile (rows·cols, H, W, 3) images row-major into one (1, H', W', 3) image, column labels on top, row labels left."""
     n, h, w, _ = images.shape

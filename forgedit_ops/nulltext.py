@@ -15,10 +15,11 @@ def null_text_lr(i: int) -> float:
 
 def null_text_optimize(eps_fn: EpsFn, latents: list[torch.Tensor], context: torch.Tensor, uncond: torch.Tensor,
                        abar: torch.Tensor, guidance: float = 7.5, inner_steps: int = 10, early_stop: float = 1e-5,
-                       callback: Optional[Callable[[int, float], None]] = None) -> list[torch.Tensor]:
+                       callback: Optional[Callable[[int, float], None]] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Algorithm 1 over the inversion's latents z₀ … z_T: at step i (t descending) ∅ starts from step i−1's optimum and
     takes up to `inner_steps` Adam steps on ‖z_{t−1} − DDIM(z̄_t, ∅, c)‖², stopping once the loss is below
-    early_stop + 2e-5·i (the reference's schedule); z̄ then moves on with the optimised ∅. Returns ∅ per step."""
+    early_stop + 2e-5·i (the reference's schedule); z̄ then moves on with the optimised ∅. Returns ∅ per step and the
+    latent z̄ ends at (the reconstruction)."""
     steps = len(latents) - 1
     stride = len(abar) // steps
     z, null, nulls = latents[-1], uncond.detach(), []
@@ -42,4 +43,4 @@ def null_text_optimize(eps_fn: EpsFn, latents: list[torch.Tensor], context: torc
             z = ddim_prev(guided(eps_fn(z, t, null), eps_cond, guidance), z, abar_t, abar_prev)
         if callback is not None:
             callback(i, loss.item())
-    return nulls
+    return nulls, z

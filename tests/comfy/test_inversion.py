@@ -54,7 +54,7 @@ def test_one_null_text_step_matches_diffusers(comfy):
     context, empty = torch.randn(1, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g)
     abar = alphas_cumprod(model.get_model_object("model_sampling").sigmas).float()
     losses = []
-    nulls = null_text_optimize(lambda z, t, c: student(z, torch.tensor([t]), c, transformer_options={}),
+    nulls, _ = null_text_optimize(lambda z, t, c: student(z, torch.tensor([t]), c, transformer_options={}),
                                [z0, z_prev, z_t], context, empty, abar, inner_steps=1,
                                callback=lambda i, loss: losses.append(loss))
 

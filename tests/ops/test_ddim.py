@@ -52,7 +52,7 @@ def test_optimised_null_texts_reconstruct_what_plain_guidance_misses():
     z0 = ABAR[0].sqrt() * X0
     latents = ddim_invert(eps_fn, z0, context, ABAR, 10)
     lrs = []
-    nulls = null_text_optimize(eps_fn, latents, context, empty, ABAR, callback=lambda i, loss: lrs.append(i))
+    nulls, _ = null_text_optimize(eps_fn, latents, context, empty, ABAR, callback=lambda i, loss: lrs.append(i))
     assert len(nulls) == 10 and lrs == list(range(10)) and null_text_lr(50) == 5e-3
 
     def reconstruct(uncond):
