@@ -7,7 +7,7 @@ from pathlib import Path
 import folder_paths
 
 from ..forgedit_ops.forgetting import CUSTOM, DREAMBOOTH_STRATEGIES, STRATEGIES, forget_rule
-from ..forgedit_ops.result import ForgeditResult, fingerprint
+from ..forgedit_ops.result import fingerprint
 from ..forgedit_ops.storage import DTYPES, FORMAT, cache_key, load_result, lora_state_dict, metadata_header, save_result, write
 from .common import CATEGORY, Result, check_widgets, loaded_unet, queue_check, unet_fingerprint
 from .edit import check_forgetting
@@ -39,13 +39,13 @@ def finetune_cache_key(model, settings: dict, image, z0, e_src) -> str:
     return cache_key(values, {"image": image})
 
 
-def load_cached(key: str) -> ForgeditResult | None:
-    """The cached result of this key from any forgedit folder's cache/."""
+def load_cached(key: str, load=load_result):
+    """The cached result (or inversion) of this key from any forgedit folder's cache/."""
     for root in folder_paths.get_folder_paths("forgedit"):
         path = os.path.join(root, CACHE, key + ".safetensors")
         if os.path.isfile(path):
             logging.info("Forgedit fine-tune: reusing %s from the disk cache", path)
-            return load_result(path)
+            return load(path)
     return None
 
 
@@ -56,23 +56,25 @@ def disk_cache_input():
                                     "restarts and --cache-none. Change the seed to retrain on purpose.")
 
 
-def cached_or_trained(disk_cache: bool, model, settings: dict, image, z0, e_src, train) -> ForgeditResult:
-    """The optional disk cache around a fine-tune: a hit loads the stored result, a miss runs train() and stores it."""
+def cached_or_trained(disk_cache: bool, model, settings: dict, image, z0, e_src, train, load=load_result,
+                      save=save_result):
+    """The optional disk cache around a fine-tune (or an inversion, with its load and save): a hit loads the stored
+    result, a miss runs train() and stores it."""
     key = disk_cache and finetune_cache_key(model, settings, image, z0, e_src)
-    if key and (cached := load_cached(key)):
+    if key and (cached := load_cached(key, load)):
         return cached
     result = train()
     if key:
-        store_cached(key, result)
+        store_cached(key, result, save)
     return result
 
 
-def store_cached(key: str, result: ForgeditResult) -> None:
+def store_cached(key: str, result, save=save_result) -> None:
     """Keep a fine-tune in models/forgedit/cache/ (fp32, so a hit equals the trained result); a full disk only warns."""
     path = os.path.join(folder_paths.get_folder_paths("forgedit")[0], CACHE, key + ".safetensors")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_result(result, path, "fp32", PACK_VERSION)
+        save(result, path, "fp32", PACK_VERSION)
     except OSError as e:
         logging.warning("Forgedit fine-tune: could not write the disk cache %s (%s)", path, e)
 

@@ -26,9 +26,11 @@ from .training_inputs import WIDGETS
 
 @dataclass
 class TrainingCopy:
-    """A trainable copy of the MODEL's UNet: eps(x, t, c), its fp32 master parameters, ᾱ, the device, the per-step
-    tick (progress, Cancel) and the loaded base UNet the deltas are taken against."""
+    """A trainable copy of the MODEL's UNet: eps(x, t, c[, transformer_options]), the transformer_options it runs
+    with by default, its fp32 master parameters, ᾱ, the device, the per-step tick (progress, Cancel) and the loaded
+    base UNet the deltas are taken against."""
     eps: Callable
+    options: dict
     params: dict
     abar: torch.Tensor
     device: torch.device
@@ -60,7 +62,7 @@ def training_copy(model, trains: Callable[[str], bool], cfg: FinetuneConfig, ste
             if cfg.checkpointing:
                 checkpoint_modules(layer for blocks in (student.input_blocks, [student.middle_block], student.output_blocks)
                                    for block in blocks for layer in block)
-            yield TrainingCopy(lambda x, t, c: student(x, t, c, transformer_options=options), params,
+            yield TrainingCopy(lambda x, t, c, to=options: student(x, t, c, transformer_options=to), options, params,
                                alphas_cumprod(model.get_model_object("model_sampling").sigmas), device, tick, unet)
     finally:
         student = None  # the eps closure's reference: frees the copy even while the caller still holds the TrainingCopy

@@ -3,6 +3,7 @@ one names it here instead of failing deep inside a training run (the compatibili
 import inspect
 
 import comfy.clip_model
+import comfy.clip_vision
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.lora
@@ -38,6 +39,10 @@ def accepts(function, *names):
     (openaimodel.UNetModel.forward, ("x", "timesteps", "context", "transformer_options")),
     (attention.attention_pytorch, ("q", "k", "v", "heads", "mask")),
     (folder_paths.add_model_folder_path, ("folder_name", "full_folder_path")),
+    (comfy.clip_vision.convert_to_transformers, ("sd", "prefix")),
+    (comfy.clip_vision.ClipVisionModel.__init__, ("json_config",)),
+    (comfy.clip_model.CLIPVision.forward, ("pixel_values", "intermediate_output")),
+    (mm.load_model_gpu, ("model",)),
     (folder_paths.get_save_image_path, ("filename_prefix", "output_dir")),
     (folder_paths.get_full_path_or_raise, ("folder_name", "filename")),
 ])
@@ -79,3 +84,27 @@ def test_clip_options_ignore_what_they_do_not_know():
     assert accepts(comfy.sd1_clip.SDClipModel.set_clip_options, "options")
     source = inspect.getsource(comfy.sd1_clip.SDClipModel.set_clip_options)
     assert "options.get(" in source and "options[" not in source
+
+
+def test_attention_patches_see_our_options_and_replace_only_their_block():
+    """What attention control relies on (design §4): a transformer_options key reaches attn2_patch and the attn2
+    replace patch as extra_options, with the block; the patch's value feeds to_v and the context to_k."""
+    block = attention.BasicTransformerBlock(8, 2, 4, context_dim=8)
+    for p in block.parameters():  # ComfyUI layers skip initialisation
+        torch.nn.init.normal_(p)
+    seen = []
+
+    def value_patch(n, context, value, extra):
+        seen.append(("value", extra["block"], extra["ours"]))
+        return n, context, value * 0
+
+    def replace(q, k, v, extra):
+        seen.append(("replace", extra["block"], extra["ours"], extra["n_heads"], v.abs().max().item(), k.abs().max().item()))
+        return attention.attention_pytorch(q, k, v, extra["n_heads"])
+
+    options = {"block": ("input", 7), "block_index": 0, "ours": "state", "patches": {"attn2_patch": [value_patch]},
+               "patches_replace": {"attn2": {("input", 7, 0): replace}}}
+    with torch.no_grad():
+        block(torch.randn(1, 4, 8), context=torch.randn(1, 3, 8), transformer_options=options)
+    assert seen[0] == ("value", ("input", 7), "state") and seen[1][:4] == ("replace", ("input", 7), "state", 2)
+    assert block.attn2.to_v.bias is None and seen[1][4] == 0 and seen[1][5] > 0  # v = to_v(0), k from the context
