@@ -59,6 +59,9 @@ def load_result(path: str) -> ForgeditResult:
     if LORA_MARKER in header:
         raise ValueError(f"{path} is a Forgedit LoRA export (the UNet delta only): apply it with LoraLoaderModelOnly; "
                          "Forgedit Load reads the files of Forgedit Save")
+    if "forgedit.p2p_inversion" in header:
+        raise ValueError(f"{path} is a Forgedit inversion (P2P_INVERSION): load it with Forgedit Inversion Load; "
+                         "Forgedit Load reads the files of Forgedit Save")
     if MARKER not in header:
         raise ValueError(f"{path} is not a Forgedit result: its header has no '{MARKER}' entry (a LoRA, checkpoint or "
                          "other model file?). Forgedit Load reads the files of Forgedit Save.")

@@ -4,7 +4,10 @@ from .caption import ForgeditCaption
 from .dreambooth import ForgeditDreamBooth, ForgeditTextEncoder
 from .edit import ForgeditForget, ForgeditInterpolate
 from .finetune import ForgeditFinetune
+from .image_encoder import ForgeditImageEncoderLoader
 from .imagic import ForgeditImagic
+from .inversion import ForgeditDDIMInversion, ForgeditNullTextInversion, ForgeditStyleDiffusionTrain
+from .inversion_storage import ForgeditInversionLoad, ForgeditInversionSave, ForgeditStyleDiffusionImport
 from .sampler import ForgeditSampler
 from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
 from .v3 import ComfyExtension, io
@@ -14,4 +17,6 @@ class ForgeditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [ForgeditCaption, ForgeditFinetune, ForgeditImagic, ForgeditDreamBooth, ForgeditTextEncoder,
                 ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
-                ForgeditLoad, ForgeditExportLora]
+                ForgeditLoad, ForgeditExportLora, ForgeditImageEncoderLoader, ForgeditDDIMInversion,
+                ForgeditNullTextInversion, ForgeditStyleDiffusionTrain, ForgeditInversionSave, ForgeditInversionLoad,
+                ForgeditStyleDiffusionImport]

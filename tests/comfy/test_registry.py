@@ -32,18 +32,20 @@ def registered_ids(comfy) -> list[str]:
     return [cls.GET_SCHEMA().node_id for cls in asyncio.run(extension.get_node_list())]
 
 
+NODE_IDS = ["ForgeditCaption", "ForgeditFinetune", "ForgeditImagic", "ForgeditDreamBooth", "ForgeditTextEncoder",
+            "ForgeditInterpolate", "ForgeditForget", "ForgeditSampler", "ForgeditSave", "ForgeditLoad", "ForgeditExportLora",
+            "ForgeditImageEncoderLoader", "ForgeditDDIMInversion", "ForgeditNullTextInversion",
+            "ForgeditStyleDiffusionTrain", "ForgeditInversionSave", "ForgeditInversionLoad", "ForgeditStyleDiffusionImport"]
+
+
 def test_the_pack_registers_the_nodes_the_docs_cover(comfy):
     ids = registered_ids(comfy)
-    assert ids == ["ForgeditCaption", "ForgeditFinetune", "ForgeditImagic", "ForgeditDreamBooth", "ForgeditTextEncoder",
-                   "ForgeditInterpolate", "ForgeditForget", "ForgeditSampler", "ForgeditSave", "ForgeditLoad",
-                   "ForgeditExportLora"]
+    assert ids == NODE_IDS
     assert all(i in comfy.nodes.NODE_CLASS_MAPPINGS for i in ids)
     assert sorted(p.stem for p in DOCS.glob("*.md")) == sorted(ids), "a help page per registered node, and no other"
 
 
-@pytest.mark.parametrize("node_id", ["ForgeditCaption", "ForgeditFinetune", "ForgeditImagic", "ForgeditDreamBooth",
-                                     "ForgeditTextEncoder", "ForgeditInterpolate", "ForgeditForget", "ForgeditSampler",
-                                     "ForgeditSave", "ForgeditLoad", "ForgeditExportLora"])
+@pytest.mark.parametrize("node_id", NODE_IDS)
 def test_each_help_page_names_every_input_and_output(comfy, node_id):
     schema = comfy.nodes.NODE_CLASS_MAPPINGS[node_id].define_schema()
     page = (DOCS / f"{node_id}.md").read_text(encoding="utf-8")

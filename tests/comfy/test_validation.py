@@ -10,7 +10,7 @@ from conftest import registered
 
 class Sources:
     """Stands in for the loaders and Forgedit Fine-tune: validation never runs a node."""
-    RETURN_TYPES = ("MODEL", "VAE", "FORGEDIT_RESULT", "CONDITIONING", "CLIP", "IMAGE")
+    RETURN_TYPES = ("MODEL", "VAE", "FORGEDIT_RESULT", "CONDITIONING", "CLIP", "IMAGE", "CLIP_VISION")
     FUNCTION = "load"
     CATEGORY = "testing"
 
@@ -36,10 +36,17 @@ def test_nodes():
         yield
 
 
-MODEL, VAE, RESULT, TARGET, CLIP, IMAGE = (["1", i] for i in range(6))
+MODEL, VAE, RESULT, TARGET, CLIP, IMAGE, CLIP_VISION = (["1", i] for i in range(7))
 PHOTO = {"model": MODEL, "clip": CLIP, "vae": VAE, "image": IMAGE, "source_prompt": "a red disc", "width": 64,
          "height": 64, "seed": 0, "precision": "auto", "disk_cache": False}
+INVERT = {"model": MODEL, "clip": CLIP, "vae": VAE, "image": IMAGE, "source_prompt": "a red disc", "width": 64,
+          "height": 64, "crop": "center (reference)", "steps": 10, "guidance": 7.5}
 NODES = {
+    "ForgeditDDIMInversion": INVERT,
+    "ForgeditNullTextInversion": {**INVERT, "inner_steps": 10, "early_stop": True, "precision": "auto",
+                                  "disk_cache": False},
+    "ForgeditStyleDiffusionTrain": {**INVERT, "clip_vision": CLIP_VISION, "inner_steps": 100, "attention_loss": True,
+                                    "early_stop": True, "seed": 0, "precision": "exact", "disk_cache": False},
     "ForgeditSampler": {"model": MODEL, "result": RESULT, "target": TARGET, "vae": VAE, "mode": "vs",
                         "gammas": "0.5, 0.6", "alphas": "0.7", "seeds": "0, 1", "steps": 3, "cfg": 7.5,
                         "sampler_name": "euler_ancestral", "scheduler": "forgedit_reference", "batch_size": 4},
@@ -98,6 +105,11 @@ def test_good_prompts_validate(test_nodes, class_type):
     ("ForgeditImagic", {"recipe": "forgedit-imagic", "source_prompt": ""}, "source_prompt", "source_prompt is empty"),
     ("ForgeditImagic", {"recipe": "imagic (2023)"}, "recipe", "recipe 'imagic (2023)' is not one of"),
     ("ForgeditSave", {"dtype": "fp8"}, "dtype", "dtype 'fp8' is not one of: fp16, fp32"),
+    ("ForgeditDDIMInversion", {"width": 100}, "width", "width and height must be multiples of 8 (got 100x64)"),
+    ("ForgeditDDIMInversion", {"crop": "fill"}, "crop", "crop 'fill' is not one of: center (reference), stretch"),
+    ("ForgeditNullTextInversion", {"source_prompt": " "}, "source_prompt", "source_prompt is empty"),
+    ("ForgeditStyleDiffusionTrain", {"steps": 1}, "steps", "steps is 1, below its minimum 2"),
+    ("ForgeditStyleDiffusionTrain", {"precision": "fp8"}, "precision", "precision 'fp8' is not one of"),
     ("ForgeditExportLora", {"strategy": "custom (regex)", "forget_pattern": "["}, "forget_pattern",
      "forget_pattern is not a valid regular expression"),
 ])

@@ -16,7 +16,8 @@ from servers import (  # noqa: F401  the fixtures used here: blip_root, checkpoi
     NAMES, WORKFLOWS, blip_root, checkpoint, load_workflow, models, object_info, run, server)
 
 SNAPSHOT = PACK / "tests" / "ops" / "data" / "object_info.json"
-FILE_LISTS = {("LoadImage", "image"), ("ForgeditLoad", "file")}  # what the server's folders hold today
+FILE_LISTS = {("LoadImage", "image"), ("ForgeditLoad", "file"), ("ForgeditImageEncoderLoader", "clip_name"),
+              ("ForgeditInversionLoad", "file"), ("ForgeditStyleDiffusionImport", "pth_file")}  # the folders' files today
 
 
 def comparable(info: dict) -> dict:
