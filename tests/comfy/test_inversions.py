@@ -96,3 +96,42 @@ def test_stylediffusion_progress_counts_every_iteration_and_cancel_stops_it(scen
                       image=scene["image"], clip_vision=scene["clip_vision"], inner_steps=3, attention_loss=False,
                       early_stop=False, seed=0, precision="exact", **settings)
     assert len(inv.metadata["losses"]) == 12 and all(att == 0 for _, _, att in inv.metadata["losses"])
+
+
+def sd_inputs(scene, **settings) -> dict:
+    return dict(model=scene["model"], clip=scene["clip"], vae=scene["vae"], image=scene["image"],
+                clip_vision=scene["clip_vision"], inner_steps=2, attention_loss=True, early_stop=False, seed=0,
+                precision="exact", **dict(INVERT, steps=3, **settings))
+
+
+def test_a_model_that_replaces_the_map_layers_is_refused(scene):
+    patched = scene["model"].clone()
+    patched.set_model_attn2_replace(lambda q, k, v, extra: q, "output", 4)
+    with pytest.raises(ValueError, match="already replaces the cross-attention of output 4"):
+        run_node("ForgeditStyleDiffusionTrain", **{**sd_inputs(scene), "model": patched})
+    assert "patches_replace" not in scene["model"].model_options.get("transformer_options", {})
+
+
+def test_the_same_seed_gives_the_same_mappings_and_the_disk_cache_serves_a_rerun(scene, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "forgedit",
+                        ([str(tmp_path)], folder_paths.folder_names_and_paths["forgedit"][1]))
+    first, _ = run_node("ForgeditStyleDiffusionTrain", **sd_inputs(scene), disk_cache=True)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    again, image = run_node("ForgeditStyleDiffusionTrain", **sd_inputs(scene), disk_cache=True)
+    assert again.metadata["seconds"] == first.metadata["seconds"], "served from the cache, not retrained"
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first.mapping, again.mapping) for k in a)
+    assert torch.equal(again.reconstruction, first.reconstruction) and image.shape == (1, 64, 64, 3)
+    fresh, _ = run_node("ForgeditStyleDiffusionTrain", **sd_inputs(scene))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first.mapping, fresh.mapping) for k in a)
+    other, _ = run_node("ForgeditStyleDiffusionTrain", **{**sd_inputs(scene), "seed": 1})
+    assert not torch.equal(other.mapping[0]["conv_end.weight"], first.mapping[0]["conv_end.weight"])
+
+
+def test_fast_inverts_under_bf16_autocast_with_fp32_mappings(scene):
+    """The inversion (no guidance) stays close to exact's; the guided path of a random tiny UNet amplifies rounding."""
+    exact, _ = run_node("ForgeditStyleDiffusionTrain", **sd_inputs(scene))
+    fast, _ = run_node("ForgeditStyleDiffusionTrain", **{**sd_inputs(scene), "precision": "fast"})
+    assert fast.metadata["precision"] == "fast" and all(t.dtype == torch.float32 for t in fast.mapping[-1].values())
+    assert 0 < (fast.x_T - exact.x_T).norm() < 0.05 * exact.x_T.norm() and fast.reconstruction.isfinite().all()
