@@ -8,6 +8,7 @@ from .image_encoder import ForgeditImageEncoderLoader
 from .imagic import ForgeditImagic
 from .inversion import ForgeditDDIMInversion, ForgeditNullTextInversion, ForgeditStyleDiffusionTrain
 from .inversion_storage import ForgeditInversionLoad, ForgeditInversionSave, ForgeditStyleDiffusionImport
+from .p2p_edit import ForgeditP2PEdit
 from .sampler import ForgeditSampler
 from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
 from .v3 import ComfyExtension, io
@@ -19,4 +20,4 @@ class ForgeditExtension(ComfyExtension):
                 ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
                 ForgeditLoad, ForgeditExportLora, ForgeditImageEncoderLoader, ForgeditDDIMInversion,
                 ForgeditNullTextInversion, ForgeditStyleDiffusionTrain, ForgeditInversionSave, ForgeditInversionLoad,
-                ForgeditStyleDiffusionImport]
+                ForgeditStyleDiffusionImport, ForgeditP2PEdit]

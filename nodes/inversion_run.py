@@ -71,11 +71,16 @@ def copy_attend(run: TrainingCopy, cfg: FinetuneConfig):
     return make_attend(run.eps, run.options, cfg.compute_dtype, run.device)
 
 
+def compute_dtype(patcher) -> torch.dtype:
+    """The dtype the loaded UNet computes in (its weights', or ComfyUI's manual cast of them)."""
+    return patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+
+
 def frozen_attend(model):
-    """attend() over the loaded UNet itself in fp32, for loops without gradients; also its ᾱ, device and the UNet."""
+    """attend() over the loaded UNet itself, in its own dtype, for loops without gradients; also ᾱ, the device, the UNet."""
     patcher = materialized(model)
-    unet = patcher.model.diffusion_model
-    eps = lambda x, t, c, to: unet(x, t, c, transformer_options=to)
+    unet, dtype = patcher.model.diffusion_model, compute_dtype(patcher)
+    eps = lambda x, t, c, to: unet(x.to(dtype), t, c.to(dtype), transformer_options=to)
     attend = make_attend(eps, sdpa_transformer_options(patcher), torch.float32, patcher.load_device)
     return attend, alphas_cumprod(model.get_model_object("model_sampling").sigmas), patcher.load_device, unet
 

@@ -35,7 +35,8 @@ def registered_ids(comfy) -> list[str]:
 NODE_IDS = ["ForgeditCaption", "ForgeditFinetune", "ForgeditImagic", "ForgeditDreamBooth", "ForgeditTextEncoder",
             "ForgeditInterpolate", "ForgeditForget", "ForgeditSampler", "ForgeditSave", "ForgeditLoad", "ForgeditExportLora",
             "ForgeditImageEncoderLoader", "ForgeditDDIMInversion", "ForgeditNullTextInversion",
-            "ForgeditStyleDiffusionTrain", "ForgeditInversionSave", "ForgeditInversionLoad", "ForgeditStyleDiffusionImport"]
+            "ForgeditStyleDiffusionTrain", "ForgeditInversionSave", "ForgeditInversionLoad", "ForgeditStyleDiffusionImport",
+            "ForgeditP2PEdit"]
 
 
 def test_the_pack_registers_the_nodes_the_docs_cover(comfy):

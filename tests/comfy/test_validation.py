@@ -10,7 +10,7 @@ from conftest import registered
 
 class Sources:
     """Stands in for the loaders and Forgedit Fine-tune: validation never runs a node."""
-    RETURN_TYPES = ("MODEL", "VAE", "FORGEDIT_RESULT", "CONDITIONING", "CLIP", "IMAGE", "CLIP_VISION")
+    RETURN_TYPES = ("MODEL", "VAE", "FORGEDIT_RESULT", "CONDITIONING", "CLIP", "IMAGE", "CLIP_VISION", "P2P_INVERSION")
     FUNCTION = "load"
     CATEGORY = "testing"
 
@@ -36,12 +36,17 @@ def test_nodes():
         yield
 
 
-MODEL, VAE, RESULT, TARGET, CLIP, IMAGE, CLIP_VISION = (["1", i] for i in range(7))
+MODEL, VAE, RESULT, TARGET, CLIP, IMAGE, CLIP_VISION, INVERSION = (["1", i] for i in range(8))
 PHOTO = {"model": MODEL, "clip": CLIP, "vae": VAE, "image": IMAGE, "source_prompt": "a red disc", "width": 64,
          "height": 64, "seed": 0, "precision": "auto", "disk_cache": False}
 INVERT = {"model": MODEL, "clip": CLIP, "vae": VAE, "image": IMAGE, "source_prompt": "a red disc", "width": 64,
           "height": 64, "crop": "center (reference)", "steps": 10, "guidance": 7.5}
 NODES = {
+    "ForgeditP2PEdit": {"model": MODEL, "clip": CLIP, "vae": VAE, "inversion": INVERSION,
+                        "target_prompt": "a blue disc", "edit_type": "replace", "tau_v": "0.5", "tau_c": "0.6",
+                        "tau_s": "0.6", "tau_u": "0, 0.5", "blend_source_words": "red", "blend_target_words": "blue",
+                        "blend_threshold": 0.3, "blend_start": 0.2, "reweight": "blue:2", "aligner": "reference",
+                        "selfattn_levels": "reference", "batch_mode": "auto", "guidance": 0.0},
     "ForgeditDDIMInversion": INVERT,
     "ForgeditNullTextInversion": {**INVERT, "inner_steps": 10, "early_stop": True, "precision": "auto",
                                   "disk_cache": False},
@@ -105,6 +110,12 @@ def test_good_prompts_validate(test_nodes, class_type):
     ("ForgeditImagic", {"recipe": "forgedit-imagic", "source_prompt": ""}, "source_prompt", "source_prompt is empty"),
     ("ForgeditImagic", {"recipe": "imagic (2023)"}, "recipe", "recipe 'imagic (2023)' is not one of"),
     ("ForgeditSave", {"dtype": "fp8"}, "dtype", "dtype 'fp8' is not one of: fp16, fp32"),
+    ("ForgeditP2PEdit", {"tau_c": "0.2, x"}, "tau_c", "tau_c: cannot read 'x'"),
+    ("ForgeditP2PEdit", {"tau_s": "1.2"}, "tau_s", "between 0 and 1"),
+    ("ForgeditP2PEdit", {"reweight": "blue"}, "reweight", "reweight"),
+    ("ForgeditP2PEdit", {"blend_target_words": ""}, "blend_target_words", "LocalBlend needs words of both prompts"),
+    ("ForgeditP2PEdit", {"target_prompt": "a (blue:1.3) disc"}, "target_prompt", "weight syntax"),
+    ("ForgeditP2PEdit", {"aligner": "best"}, "aligner", "aligner 'best' is not one of"),
     ("ForgeditDDIMInversion", {"width": 100}, "width", "width and height must be multiples of 8 (got 100x64)"),
     ("ForgeditDDIMInversion", {"crop": "fill"}, "crop", "crop 'fill' is not one of: center (reference), stretch"),
     ("ForgeditNullTextInversion", {"source_prompt": " "}, "source_prompt", "source_prompt is empty"),
@@ -123,8 +134,9 @@ def test_bad_lists_and_patterns_fail_at_queue_time(test_nodes, class_type, input
 def test_alphas_are_not_read_in_vs_and_comfyui_still_checks_the_numbers(test_nodes):
     assert validate("ForgeditSampler", alphas="x")[0] is True
     assert validate("ForgeditInterpolate", alphas="x")[0] is True
-    valid, node_errors = validate("ForgeditSampler", steps=0)
-    assert valid is False and [e["type"] for e in node_errors["2"]["errors"]] == ["value_smaller_than_min"]
+    for class_type, inputs in (("ForgeditSampler", {"steps": 0}), ("ForgeditP2PEdit", {"guidance": -1.0})):
+        valid, node_errors = validate(class_type, **inputs)
+        assert valid is False and [e["type"] for e in node_errors["2"]["errors"]] == ["value_smaller_than_min"]
 
 
 def test_a_linked_list_is_left_to_execute(test_nodes):
