@@ -22,9 +22,9 @@ def inversions(scene):
     return {"ddim": ddim, "nulltext": nulltext, "stylediffusion": style}
 
 
-def edit(scene, inversion, **changes):
-    return run_node("ForgeditP2PEdit", model=scene["model"], clip=scene["clip"], vae=scene["vae"], inversion=inversion,
-                    **{**EDIT, **changes})
+def edit(scene, inversion, model=None, **changes):
+    return run_node("ForgeditP2PEdit", model=model or scene["model"], clip=scene["clip"], vae=scene["vae"],
+                    inversion=inversion, **{**EDIT, **changes})
 
 
 @pytest.mark.parametrize("kind", ["ddim", "nulltext", "stylediffusion"])
@@ -71,3 +71,16 @@ def test_an_inversion_of_another_model_is_refused(scene, inversions):
     with pytest.raises(ValueError, match="made on another MODEL"):
         run_node("ForgeditP2PEdit", model=other, clip=scene["clip"], vae=scene["vae"],
                  inversion=inversions["ddim"], **EDIT)
+
+
+def test_a_forgedit_fine_tune_edits_with_attention_control(scene, inversions, finetuned):
+    """Forgedit Forget's MODEL, inverted and edited: the fine-tune's weights under Prompt-to-Prompt."""
+    forgot, = run_node("ForgeditForget", model=scene["model"], result=finetuned, strategy="donotforget", degree=0.0,
+                       forget_pattern="")
+    inversion, _ = run_node("ForgeditDDIMInversion", model=forgot, clip=scene["clip"], vae=scene["vae"],
+                            image=scene["image"], **SMALL)
+    latent, _, _ = edit(scene, inversion, model=forgot)
+    plain, _, _ = edit(scene, inversions["ddim"])
+    assert latent["samples"].shape == (2, 4, 8, 8) and not torch.allclose(latent["samples"], plain["samples"])
+    with pytest.raises(ValueError, match="made on another MODEL"):
+        edit(scene, inversions["ddim"], model=forgot)
