@@ -8,6 +8,7 @@ from .image_encoder import ForgeditImageEncoderLoader
 from .imagic import ForgeditImagic
 from .inversion import ForgeditDDIMInversion, ForgeditNullTextInversion, ForgeditStyleDiffusionTrain
 from .inversion_storage import ForgeditInversionLoad, ForgeditInversionSave, ForgeditStyleDiffusionImport
+from .metrics import ForgeditNSLPIPS, ForgeditWordMask
 from .p2p_edit import ForgeditP2PEdit
 from .sampler import ForgeditSampler
 from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
@@ -20,4 +21,4 @@ class ForgeditExtension(ComfyExtension):
                 ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
                 ForgeditLoad, ForgeditExportLora, ForgeditImageEncoderLoader, ForgeditDDIMInversion,
                 ForgeditNullTextInversion, ForgeditStyleDiffusionTrain, ForgeditInversionSave, ForgeditInversionLoad,
-                ForgeditStyleDiffusionImport, ForgeditP2PEdit]
+                ForgeditStyleDiffusionImport, ForgeditP2PEdit, ForgeditWordMask, ForgeditNSLPIPS]
