@@ -84,3 +84,19 @@ def test_a_forgedit_fine_tune_edits_with_attention_control(scene, inversions, fi
     assert latent["samples"].shape == (2, 4, 8, 8) and not torch.allclose(latent["samples"], plain["samples"])
     with pytest.raises(ValueError, match="made on another MODEL"):
         edit(scene, inversions["ddim"], model=forgot)
+
+
+def test_the_editor_leaves_the_model_untouched_and_refuses_replaced_attention(scene, inversions):
+    from conftest import assert_base_untouched
+
+    options = repr(scene["model"].model_options)
+    edit(scene, inversions["stylediffusion"])
+    assert repr(scene["model"].model_options) == options
+    assert_base_untouched(scene)
+    patched = scene["model"].clone()
+    patched.set_model_attn1_replace(lambda q, k, v, extra: q, "middle", 0)
+    with pytest.raises(ValueError, match="already replaces the self-attention of middle 0"):
+        edit(scene, inversions["ddim"], model=patched)
+    with pytest.raises(ValueError, match="75 tokens"):
+        edit(scene, inversions["ddim"], target_prompt=" ".join(["a green disc on a blue gradient"] * 12),
+             edit_type="refine", blend_source_words="", blend_target_words="")
