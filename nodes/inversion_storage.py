@@ -13,7 +13,7 @@ from ..forgedit_ops.stylediffusion_import import read_official_mappings
 from .common import check_widgets, queue_check, unet_fingerprint
 from .inversion import INVERSION_CATEGORY, Inversion, inversion_inputs, validate_inversion
 from .inversion_run import eps_of, frozen_attend, inversion_result, prepare_source, progress, source_features
-from .storage import PACK_VERSION, save_path
+from .storage import PACK_VERSION, ignore_base_input, save_path
 from .training import declared_settings
 from .v3 import io, ui
 
@@ -69,10 +69,7 @@ class ForgeditInversionLoad(io.ComfyNode):
             inputs=[
                 io.Combo.Input("file", options=files_ending(".safetensors"),
                                tooltip="A Forgedit Inversion Save file in models/stylediffusion."),
-                io.Boolean.Input("ignore_base_mismatch", default=False,
-                                 tooltip="Edits refuse a MODEL other than the one the inversion was made with "
-                                         "(checkpoint and LoRAs). Turn on to use it anyway, e.g. on a close fine-tune "
-                                         "of the same base; results vary."),
+                ignore_base_input("Edits refuse a MODEL other than the one the inversion was made with"),
             ],
             outputs=[Inversion.Output(display_name="inversion")],
         )

@@ -49,6 +49,13 @@ def load_cached(key: str, load=load_result):
     return None
 
 
+def ignore_base_input(refusal: str):
+    """Load's switch for applying a file to weights other than those it was made with."""
+    return io.Boolean.Input("ignore_base_mismatch", default=False,
+                            tooltip=f"{refusal} (checkpoint and LoRAs). Turn on to apply it anyway, e.g. to a close "
+                                    "fine-tune of the same base; results vary.")
+
+
 def disk_cache_input():
     return io.Boolean.Input("disk_cache", default=False, optional=True,
                             tooltip="Keep the result in models/forgedit/cache (fp32, 2.35 GB for SD1.5's Forgedit set) and "
@@ -122,10 +129,7 @@ class ForgeditLoad(io.ComfyNode):
                         "Interpolate, Sampler) with the same base MODEL it was trained on.",
             inputs=[
                 io.Combo.Input("file", options=saved_results(), tooltip="A Forgedit Save file in models/forgedit."),
-                io.Boolean.Input("ignore_base_mismatch", default=False,
-                                 tooltip="Forgedit Forget refuses a MODEL other than the one the result was trained on "
-                                         "(checkpoint and LoRAs). Turn on to apply it anyway, e.g. to a close fine-tune "
-                                         "of the same base; results vary."),
+                ignore_base_input("Forgedit Forget refuses a MODEL other than the one the result was trained on"),
             ],
             outputs=[Result.Output(display_name="result")],
         )
