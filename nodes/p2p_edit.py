@@ -15,19 +15,24 @@ from .v3 import io
 
 TAU_EXAMPLE = ("0.2, 0.5", "0.2:0.6:0.1")
 TAUS = ("tau_v", "tau_c", "tau_s", "tau_u")
+# An empty τ takes the inversion kind's default: StyleDiffusion's README (τ_v .5, τ_c .6, τ_s .6, τ_u 0), the null-text
+# notebook (τ_c .8, τ_s .5) for null-text and plain DDIM inversions (τ_v has no effect there).
+KIND_DEFAULTS = {"stylediffusion": ("0.5", "0.6", "0.6", "0"), "nulltext": ("0", "0.8", "0.5", "0"),
+                 "ddim": ("0", "0.8", "0.5", "0")}
 MAX_COMBINATIONS = 64
 
 
-def tau_input(name: str, default: str, tooltip: str):
-    return io.String.Input(name, default=default, tooltip=tooltip + " One value, a list '0.2, 0.5' or a range "
-                                                                    "'0.2:0.6:0.1': every combination is edited.")
+def tau_input(name: str, tooltip: str):
+    return io.String.Input(name, default="", tooltip=tooltip + " Empty: the inversion kind's default. One value, a "
+                                                               "list '0.2, 0.5' or a range '0.2:0.6:0.1': every "
+                                                               "combination is edited.")
 
 
-def tau_lists(values: dict) -> list[tuple[float, ...]]:
-    """Every (τ_v, τ_c, τ_s, τ_u) combination of the lists, each τ in [0, 1]."""
+def tau_lists(values: dict, kind: str = "stylediffusion") -> list[tuple[float, ...]]:
+    """Every (τ_v, τ_c, τ_s, τ_u) combination of the lists (an empty one: the kind's default), each τ in [0, 1]."""
     lists = []
-    for name in TAUS:
-        taus = parse_values(values[name], name, TAU_EXAMPLE)
+    for name, default in zip(TAUS, KIND_DEFAULTS[kind]):
+        taus = parse_values(values[name].strip() or default, name, TAU_EXAMPLE)
         if any(not 0 <= t <= 1 for t in taus):
             raise ValueError(f"{name}: every τ is a fraction of the steps, between 0 and 1 (got {values[name]!r})")
         lists.append(taus)
@@ -58,14 +63,14 @@ class ForgeditP2PEdit(io.ComfyNode):
                 io.Combo.Input("edit_type", options=list(EDIT_TYPES), default="replace",
                                tooltip="replace: word swap (P2P's AttentionReplace). refine: words added or changed "
                                        "(Needleman-Wunsch alignment). reconstruct: the source again, for both items."),
-                tau_input("tau_v", "0.5", "τ_v (StyleDiffusion only): the target uses the mapped values for the first "
-                                          "⌈T·τ_v⌉ steps (README: 0.5)."),
-                tau_input("tau_c", "0.6", "τ_c: the target's cross-attention maps follow the source's for the first "
-                                          "int((T+1)·τ_c) steps (StyleDiffusion 0.6, null-text notebook 0.8)."),
-                tau_input("tau_s", "0.6", "τ_s: self-attention maps of ≤ 32² queries injected for int(T·τ_s) steps "
-                                          "(StyleDiffusion 0.6, null-text notebook 0.5)."),
-                tau_input("tau_u", "0.0", "τ_u (P2Plus): the same injection in the unconditional branch for "
-                                          "int(T·τ_u) steps (0 = plain P2P; StyleDiffusion's examples 0.5)."),
+                tau_input("tau_v", "τ_v (StyleDiffusion only): the target uses the mapped values for the first "
+                                   "⌈T·τ_v⌉ steps (README: 0.5)."),
+                tau_input("tau_c", "τ_c: the target's cross-attention maps follow the source's for the first "
+                                   "int((T+1)·τ_c) steps (StyleDiffusion 0.6, null-text notebook 0.8)."),
+                tau_input("tau_s", "τ_s: self-attention maps of ≤ 32² queries injected for int(T·τ_s) steps "
+                                   "(StyleDiffusion 0.6, null-text notebook 0.5)."),
+                tau_input("tau_u", "τ_u (P2Plus): the same injection in the unconditional branch for int(T·τ_u) "
+                                   "steps (0 = plain P2P; StyleDiffusion's examples 0.5)."),
                 io.String.Input("blend_source_words", default="",
                                 tooltip="LocalBlend: words of the source prompt whose region may change, e.g. 'dog'. "
                                         "Empty (and target words empty): no LocalBlend."),
@@ -112,7 +117,7 @@ class ForgeditP2PEdit(io.ComfyNode):
     def execute(cls, model, clip, vae, inversion, target_prompt, edit_type, tau_v, tau_c, tau_s, tau_u,
                 blend_source_words, blend_target_words, blend_threshold, blend_start, reweight, aligner,
                 selfattn_levels, batch_mode, guidance) -> io.NodeOutput:
-        combos = tau_lists(dict(tau_v=tau_v, tau_c=tau_c, tau_s=tau_s, tau_u=tau_u))
+        combos = tau_lists(dict(tau_v=tau_v, tau_c=tau_c, tau_s=tau_s, tau_u=tau_u), inversion.kind)
         require_inversion_base(model, inversion)
         plan = edit_plan(clip, inversion, target_prompt, edit_type, reweight, aligner, blend_source_words,
                          blend_target_words, blend_threshold, blend_start, selfattn_levels)

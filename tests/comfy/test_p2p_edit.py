@@ -100,3 +100,11 @@ def test_the_editor_leaves_the_model_untouched_and_refuses_replaced_attention(sc
     with pytest.raises(ValueError, match="75 tokens"):
         edit(scene, inversions["ddim"], target_prompt=" ".join(["a green disc on a blue gradient"] * 12),
              edit_type="refine", blend_source_words="", blend_target_words="")
+
+
+def test_empty_taus_take_the_inversion_kinds_defaults(scene, inversions):
+    empty = dict(tau_v="", tau_c="", tau_s="", tau_u="")
+    for kind, taus in (("nulltext", ("0", "0.8", "0.5", "0")), ("stylediffusion", ("0.5", "0.6", "0.6", "0"))):
+        default, _, _ = edit(scene, inversions[kind], **empty)
+        given, _, _ = edit(scene, inversions[kind], **dict(zip(empty, taus)))
+        assert torch.equal(default["samples"], given["samples"])
