@@ -3,6 +3,7 @@
 
     python run.py workflows/forgedit_vanilla.json --image dog.png --target "a sitting dog"
     python run.py workflows/forgedit_vanilla.json --batch edits.csv --server http://gpu1:8188 --server http://gpu2:8188
+    python run.py workflows/nulltext_p2p.json --image cat.png --source "a cat on a rug" --target "a tiger on a rug"
 
 Without --server, run.py uses the ComfyUI it kept running (--keep-server) or the one at 127.0.0.1:8188, else starts
 the ComfyUI that holds this pack in custom_nodes/ (or --comfyui PATH, or $COMFYUI_PATH) and stops it afterwards.
@@ -57,8 +58,9 @@ workflow_api = _load_workflow_api()
 RunError, MUTED, BYPASSED = workflow_api.RunError, workflow_api.MUTED, workflow_api.BYPASSED
 widget_inputs, input_spec, convert = workflow_api.widget_inputs, workflow_api.input_spec, workflow_api.convert
 set_input, set_target, set_class_input = workflow_api.set_input, workflow_api.set_target, workflow_api.set_class_input
-missing_model_files = workflow_api.missing_model_files
+set_source, missing_model_files = workflow_api.set_source, workflow_api.missing_model_files
 GAMMA_INPUTS = {"ForgeditInterpolate": "gammas", "ForgeditSampler": "gammas"}
+TAUS = ("tau_v", "tau_c", "tau_s", "tau_u")  # Forgedit P2P / P2Plus Edit's attention-control windows (CSV columns)
 
 
 def say(*lines: str, file=None) -> None:
@@ -515,23 +517,49 @@ def check_model_files(server: str, prompt: dict, object_info: dict) -> None:
     raise RunError("\n".join(["a model file the workflow names is missing (nothing was queued):", *lines]))
 
 
+def set_images(server: str, prompt: dict, primitives: dict, job: dict) -> None:
+    """Upload the photos and put them into the Load Image nodes: each --image NODE=PATH into that node (id or title),
+    the plain --image (or the CSV's image) into every other Load Image node."""
+    chosen = {}
+    for key, path in job.get("named_images", {}).items():
+        ids = [i for i in workflow_api.find_nodes(prompt, primitives, key) if prompt.get(i, {}).get("class_type") ==
+               "LoadImage"]
+        if not ids:
+            raise RunError(f"--image {key}={path}: no Load Image node has the id or title {key!r}")
+        chosen.update(dict.fromkeys(ids, path))
+    if job.get("image"):
+        others = [i for i, n in prompt.items() if n["class_type"] == "LoadImage" and i not in chosen]
+        if not others:
+            raise RunError("--image: this workflow has no LoadImage node" + (" left" if chosen else ""))
+        chosen.update(dict.fromkeys(others, job["image"]))
+    uploaded = {}
+    for node, path in chosen.items():
+        if path not in uploaded:
+            uploaded[path] = upload_image(server, Path(path))
+        prompt[node]["inputs"]["image"] = uploaded[path]
+
+
 def run_job(server: str, object_info: dict, workflow: dict, job: dict, args, log) -> list[Path]:
     """Convert, set the inputs, check the model files, upload, queue, follow and download one edit; raises RunError
     when it fails."""
     prompt, primitives = convert(workflow, object_info)
     if job.get("target"):
         set_target(prompt, job["target"])
+    if job.get("source"):
+        set_source(prompt, job["source"])
     if args.checkpoint:
         set_class_input(prompt, {"CheckpointLoaderSimple": "ckpt_name"}, args.checkpoint, "--checkpoint")
     if job.get("gamma"):
         set_class_input(prompt, GAMMA_INPUTS, job["gamma"], "gamma")
     if job.get("strategy"):
         set_class_input(prompt, {"ForgeditForget": "strategy"}, job["strategy"], "strategy")
+    for tau in TAUS:
+        if job.get(tau):
+            set_class_input(prompt, {"ForgeditP2PEdit": tau}, job[tau], tau)
     for assignment in args.set:
         set_input(prompt, primitives, object_info, assignment)
     check_model_files(server, prompt, object_info)
-    if job.get("image"):
-        set_class_input(prompt, {"LoadImage": "image"}, upload_image(server, Path(job["image"])), "--image")
+    set_images(server, prompt, primitives, job)
     client_id = uuid.uuid4().hex
     ws = WebSocket(server, client_id)
     try:
@@ -549,17 +577,24 @@ def run_job(server: str, object_info: dict, workflow: dict, job: dict, args, log
 
 # --- command line --------------------------------------------------------------------------------------------------
 
+BATCH_COLUMNS = ("source", "gamma", "strategy", *TAUS)  # optional; an empty cell keeps the workflow's value
+
+
 def read_batch(path: Path, out: Path) -> list[dict]:
-    """Jobs from a CSV with columns image,target and optional gamma,strategy (image paths relative to the CSV)."""
+    """Jobs from a CSV with columns image,target (or target_prompt) and optional source, gamma, strategy and the τ
+    columns (image paths relative to the CSV; an empty image cell for a workflow without Load Image)."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    if not rows or not {"image", "target"} <= set(rows[0]):
-        raise RunError(f"{path}: needs a header row with the columns image,target (and optionally gamma,strategy)")
+    target = next((c for c in ("target", "target_prompt") if rows and c in rows[0]), None)
+    if not rows or "image" not in rows[0] or target is None:
+        raise RunError(f"{path}: needs a header row with the columns image,target (and optionally "
+                       f"{','.join(BATCH_COLUMNS)})")
     jobs = []
     for n, row in enumerate(rows, 1):
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", row["target"]).strip("-")[:40]
-        jobs.append({"label": f"{n}/{len(rows)}", "image": path.parent / row["image"], "target": row["target"],
-                     "gamma": (row.get("gamma") or "").strip(), "strategy": (row.get("strategy") or "").strip(),
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", row[target]).strip("-")[:40]
+        image = (row["image"] or "").strip()
+        jobs.append({"label": f"{n}/{len(rows)}", "image": path.parent / image if image else None,
+                     "target": row[target], **{c: (row.get(c) or "").strip() for c in BATCH_COLUMNS},
                      "out": out / f"{n:03d}-{slug}"})
     return jobs
 
@@ -598,8 +633,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workflow", type=Path, nargs="?",
                         help="a UI-format workflow, e.g. workflows/forgedit_vanilla.json")
-    parser.add_argument("--image", type=Path, help="the photo to edit; goes to every Load Image node")
+    parser.add_argument("--image", action="append", default=[], metavar="[NODE=]PATH",
+                        help="the photo to edit; goes to every Load Image node. NODE=PATH (repeatable) puts an image "
+                             "into one Load Image node, by id or title, e.g. 'Edited image=edit.png'")
     parser.add_argument("--target", help="the target prompt, e.g. 'a sitting dog'")
+    parser.add_argument("--source", help="the source prompt (what the photo shows) where the workflow types one, "
+                                         "e.g. the inversion's")
     parser.add_argument("--checkpoint", help="checkpoint file name for Load Checkpoint (as in models/checkpoints)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="set any value; NODE is a node id, title or class type (repeatable)")
@@ -608,7 +647,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("forgedit_out"),
                         help="where the images go (default ./forgedit_out)")
     parser.add_argument("--batch", type=Path,
-                        help="CSV of edits: image,target[,gamma][,strategy]; spread over the servers")
+                        help="CSV of edits: image,target[,source][,gamma][,strategy][,tau_v,tau_c,tau_s,tau_u]; "
+                             "spread over the servers")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="cancel an edit that is not done this many seconds after it was queued")
     local = parser.add_argument_group("a local ComfyUI (without --server)")
@@ -622,6 +662,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     local.add_argument("--start-timeout", type=float, default=300, metavar="SECONDS",
                        help="how long to wait for it to start (default 300)")
     args = parser.parse_args(argv)
+    args.named_images, plain = {}, []
+    for value in args.image:
+        key, sep, path = value.partition("=")
+        if sep and key and path and not Path(value).is_file():
+            args.named_images[key] = Path(path)
+        else:
+            plain.append(Path(value))
+    if len(plain) > 1:
+        parser.error("--image PATH goes to every Load Image node: give it once, the other images as NODE=PATH")
+    args.image = plain[0] if plain else None
     if args.workflow is None and not args.stop_server:
         parser.error("the workflow file is required")
     return args
@@ -655,11 +705,14 @@ def main(argv=None) -> int:
             return stop_kept_server(args)
         workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
         jobs = read_batch(args.batch, args.out) if args.batch else [
-            {"image": args.image, "target": args.target, "out": args.out}]
+            {"image": args.image, "target": args.target, "source": args.source, "out": args.out}]
+        for job in jobs:
+            job["named_images"] = args.named_images
     except (OSError, ValueError, RunError) as e:
         say(f"error: {e}", file=sys.stderr)
         return 1
-    missing = [str(j["image"]) for j in jobs if j.get("image") and not Path(j["image"]).is_file()]
+    images = {j["image"] for j in jobs if j.get("image")} | set(args.named_images.values())
+    missing = sorted(str(i) for i in images if not Path(i).is_file())
     if missing:
         say(f"error: no such image: {', '.join(missing)}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """UI workflow (as ComfyUI's frontend saves it) -> API prompt (what POST /prompt takes), and the edits run.py makes to
-the prompt (--set, --target, one input on every node of a class). Standard library only and no ComfyUI import: it needs
-just a server's /object_info (or a saved copy of it), so it is tested offline in tests/ops."""
+the prompt (--set, --target, --source, one input on every node of a class). Standard library only and no ComfyUI
+import: it needs just a server's /object_info (or a saved copy of it), so it is tested offline in tests/ops."""
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -164,9 +164,13 @@ def set_input(prompt: dict, primitives: dict, object_info: dict, assignment: str
         prompt[i]["inputs"][name] = typed(value, spec, f"{prompt[i]['class_type']}.{name}")
 
 
+EDIT_PROMPTS = {"ForgeditP2PEdit"}  # nodes whose target_prompt widget is the edit itself
+
+
 def set_target(prompt: dict, text: str) -> None:
     """Put the target prompt into every CLIP Text Encode that feeds a `target` input of a Forgedit node, and into every
-    Forgedit `target_prompt` widget (Caption's 'A photo of' rule, Imagic's initial embedding)."""
+    Forgedit `target_prompt` widget (the P2P editor's target; Caption's 'A photo of' rule, Imagic's initial
+    embedding)."""
     found = 0
     for node in prompt.values():
         link = node["inputs"].get("target")
@@ -179,8 +183,26 @@ def set_target(prompt: dict, text: str) -> None:
             found += 1
         if node["class_type"].startswith("Forgedit") and isinstance(node["inputs"].get("target_prompt"), str):
             node["inputs"]["target_prompt"] = text
+            found += node["class_type"] in EDIT_PROMPTS
     if not found:
-        raise RunError("--target: no CLIP Text Encode feeds the target input of a Forgedit node in this workflow")
+        raise RunError("--target: no CLIP Text Encode feeds the target input of a Forgedit node in this workflow, and "
+                       "no Forgedit P2P / P2Plus Edit has a typed target_prompt")
+
+
+SOURCE_PROMPTS = {"ForgeditWordMask": "prompt"}  # Forgedit nodes whose source prompt input has another name
+
+
+def set_source(prompt: dict, text: str) -> None:
+    """Put the source prompt (what the photo shows) into every typed `source_prompt` of a Forgedit node (the fine-tunes,
+    Imagic, the inversions) and Word Mask's `prompt`. One that comes from Forgedit Caption is left alone."""
+    found = [(n, SOURCE_PROMPTS.get(n["class_type"], "source_prompt")) for n in prompt.values()
+             if n["class_type"].startswith("Forgedit")]
+    found = [(n, name) for n, name in found if isinstance(n["inputs"].get(name), str)]
+    if not found:
+        raise RunError("--source: no Forgedit node in this workflow has a typed source_prompt (it comes from Forgedit "
+                       "Caption, or is part of the saved result or inversion)")
+    for node, name in found:
+        node["inputs"][name] = text
 
 
 def set_class_input(prompt: dict, classes: dict, value, option: str) -> None:
@@ -199,7 +221,10 @@ MODEL_INPUTS = {  # input name -> models/ folder, for the loaders of the core no
     "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
     "control_net_name": "controlnet", "style_model_name": "style_models", "upscale_model_name": "upscale_models",
 }
-PACK_MODEL_INPUTS = {("ForgeditLoad", "file"): "forgedit", ("ForgeditCaption", "blip_model"): "blip"}
+PACK_MODEL_INPUTS = {("ForgeditLoad", "file"): "forgedit", ("ForgeditCaption", "blip_model"): "blip",
+                     ("ForgeditImageEncoderLoader", "clip_name"): "clip_vision", ("CLIPVisionLoader", "clip_name"):
+                     "clip_vision", ("ForgeditInversionLoad", "file"): "stylediffusion",
+                     ("ForgeditStyleDiffusionImport", "pth_file"): "stylediffusion"}
 
 
 def combo_options(spec) -> list | None:
@@ -216,7 +241,8 @@ def combo_options(spec) -> list | None:
 
 def missing_model_files(prompt: dict, object_info: dict) -> list[tuple[str, str, str, str, list]]:
     """(node id, input, file, models folder, the files the server has) for every model file the prompt names that is not
-    among the server's choices for that input: a checkpoint, a LoRA, a Forgedit Save file, a BLIP folder..."""
+    among the server's choices for that input: a checkpoint, a LoRA, a Forgedit Save file, a BLIP folder, the
+    StyleDiffusion image encoder, a saved inversion..."""
     missing = []
     for node_id, node in prompt.items():
         info = object_info.get(node["class_type"])

@@ -1,6 +1,7 @@
 """Real ComfyUI servers on CPU for the server tests (test_workflows.py, test_runner.py): a throwaway base directory with
-a generated random SD1.5-layout checkpoint and a tiny random BLIP, started by run.py's own start_comfyui (which hands
-ComfyUI this pack through an extra custom_nodes folder). Test files import the fixtures they use from here."""
+a generated random SD1.5-layout checkpoint, a tiny random BLIP, a tiny random ViT-B/16-layout image encoder and random
+AlexNet features for LPIPS, started by run.py's own start_comfyui (which hands ComfyUI this pack through an extra
+custom_nodes folder). Test files import the fixtures they use from here."""
 import json
 import subprocess
 import sys
@@ -15,12 +16,22 @@ from test_caption import blip_root  # noqa: F401  the tiny random BLIP folder (a
 
 WORKFLOWS = PACK / "workflows"
 NAMES = ["forgedit_vanilla", "forgedit_reedit_saved", "forgedit_single_gamma_ksampler", "imagic", "forgedit_imagic",
-         "dreambooth_forgedit"]
+         "dreambooth_forgedit", "stylediffusion_edit", "nulltext_p2p", "stylediffusion_reedit_saved", "ns_lpips"]
 CHECKPOINT = "shallow_sd15.safetensors"
+CLIP_VISION = "tiny-vit-b16.safetensors"
+ALEXNET = "random-alexnet.safetensors"
 SERVER_ARGS = ["--cpu", "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
 TRAIN = ["--set", "ForgeditFinetune.samples=4", "--set", "ForgeditFinetune.batch_size=2"]
 SAMPLE = ["--set", "ForgeditSampler.steps=2", "--set", "ForgeditSampler.gammas=0.6, 0.8", "--set",
           "ForgeditSampler.seeds=0", "--set", "ForgeditSampler.batch_size=2"]
+
+
+def small_inversion(node: str) -> list[str]:
+    """An inversion node at 64 x 64, 4 DDIM steps, at most 2 optimiser steps per DDIM step (the edit takes its size
+    and steps)."""
+    return [a for k in ("width=64", "height=64", "steps=4", "inner_steps=2") for a in ("--set", f"{node}.{k}")]
+
+
 SMALL = {  # CPU-sized settings for each workflow: 64 x 64, 2 training steps, 2 sampling steps
     "forgedit_vanilla": [*TRAIN, "--set", "ForgeditFinetune.width=64", "--set", "ForgeditFinetune.height=64",
                          "--set", "ForgeditCaption.blip_model=tiny-blip", "--set", "ForgeditSampler.steps=2",
@@ -37,8 +48,16 @@ SMALL = {  # CPU-sized settings for each workflow: 64 x 64, 2 training steps, 2 
     "dreambooth_forgedit": ["--set", "ForgeditDreamBooth.samples=4", "--set", "ForgeditDreamBooth.batch_size=2",
                             "--set", "ForgeditDreamBooth.width=64", "--set", "ForgeditDreamBooth.height=64",
                             "--set", "ForgeditCaption.blip_model=tiny-blip", *SAMPLE],
+    "stylediffusion_edit": [*small_inversion("ForgeditStyleDiffusionTrain"),
+                            "--set", f"ForgeditImageEncoderLoader.clip_name={CLIP_VISION}"],
+    "nulltext_p2p": small_inversion("ForgeditNullTextInversion"),
+    "stylediffusion_reedit_saved": [],
+    "ns_lpips": ["--set", "ForgeditWordMask.width=64", "--set", "ForgeditWordMask.height=64", "--set",
+                 "ForgeditWordMask.steps=2", "--set", f"ForgeditNSLPIPS.trunk_file={ALEXNET}"],
 }
-IMAGES = {"forgedit_vanilla": 1 + 4, "forgedit_reedit_saved": 1 + 3, "forgedit_single_gamma_ksampler": 1}
+IMAGES = {"forgedit_vanilla": 1 + 4, "forgedit_reedit_saved": 1 + 3, "forgedit_single_gamma_ksampler": 1,
+          "stylediffusion_edit": 1 + 2, "nulltext_p2p": 1, "stylediffusion_reedit_saved": 1,  # grids, each image
+          "ns_lpips": 0}
 
 
 run = load_module("forgedit_run", "run.py")
@@ -47,7 +66,8 @@ run = load_module("forgedit_run", "run.py")
 def prepare_base(base: Path, models: dict[str, Path]) -> Path:
     """A ComfyUI base directory (--base-directory) holding the test models as links, and settings that skip the
     frontend's first-run tutorial. No custom_nodes: run.py's start_comfyui adds this pack."""
-    for folder in ("custom_nodes", "models/checkpoints", "models/blip", "models/forgedit", "input", "output"):
+    for folder in ("custom_nodes", "models/checkpoints", "models/blip", "models/forgedit", "models/clip_vision",
+                   "models/stylediffusion", "models/lpips", "input", "output"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     for relative, target in models.items():
         (base / relative).symlink_to(target)
@@ -107,8 +127,45 @@ def checkpoint(comfy, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def models(checkpoint, blip_root) -> dict[str, Path]:  # noqa: F811
-    return {f"models/checkpoints/{CHECKPOINT}": checkpoint, "models/blip/tiny-blip": blip_root / "tiny-blip"}
+def clip_vision(tmp_path_factory) -> Path:
+    """A random image encoder in openai/clip-vit-base-patch16's HF layout (patch 16, 224 px, 197 tokens), one layer,
+    768 wide: StyleDiffusion's mapping reads E(x) as wide as the checkpoint's text embedding (CLIP-L, 768)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=64, num_attention_heads=12,
+                                           num_hidden_layers=1, patch_size=16, image_size=224, hidden_act="quick_gelu")
+    weights = transformers.CLIPVisionModel(config).state_dict()
+    sd = {"vision_model." + k.removeprefix("vision_model."): v.contiguous() for k, v in weights.items()}
+    path = tmp_path_factory.mktemp("clip_vision") / CLIP_VISION
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def alexnet(tmp_path_factory) -> Path:
+    """Random weights of the AlexNet features LPIPS reads (torchvision's `features.*` keys and shapes, 2.5 M)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    sd = {}
+    for layer, shape in shapes.items():
+        fan_in = shape[1] * shape[2] * shape[3]
+        sd[f"features.{layer}.weight"] = torch.randn(shape, generator=generator) * (2 / fan_in) ** 0.5
+        sd[f"features.{layer}.bias"] = 0.01 * torch.randn(shape[0], generator=generator)
+    path = tmp_path_factory.mktemp("lpips") / ALEXNET
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(checkpoint, blip_root, clip_vision, alexnet) -> dict[str, Path]:  # noqa: F811
+    return {f"models/checkpoints/{CHECKPOINT}": checkpoint, "models/blip/tiny-blip": blip_root / "tiny-blip",
+            f"models/clip_vision/{CLIP_VISION}": clip_vision, f"models/lpips/{ALEXNET}": alexnet}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""run.py end to end against real ComfyUI servers on CPU: the shipped workflows run, bad inputs come back as node errors
-(a missing model file before anything is queued), an interrupt or --timeout stops a fine-tune, a crash inside run.py
-exits non-zero, --batch spreads edits over two servers, and without --server run.py starts its own ComfyUI, stops it,
-or keeps it for the next call (which then does not retrain)."""
+"""run.py end to end against real ComfyUI servers on CPU: the shipped workflows run (the Forgedit ones, the
+StyleDiffusion / null-text inversions edited with P2P, NS-LPIPS on two images), bad inputs come back as node errors (a
+missing model file before anything is queued), an interrupt or --timeout stops a fine-tune, a crash inside run.py exits
+non-zero, --batch spreads edits over two servers, and without --server run.py starts its own ComfyUI, stops it, or
+keeps it for the next call (which then does not retrain)."""
 import csv
 import json
 import os
@@ -15,9 +16,10 @@ import urllib.error
 import pytest
 from find_comfyui import PACK, comfyui_path
 from PIL import Image
-from servers import (  # noqa: F401  the fixtures used here: blip_root, checkpoint, models, object_info, photos, server
-    CHECKPOINT, IMAGES, SERVER_ARGS, SMALL, WORKFLOWS, Server, blip_root, checkpoint, load_workflow, models,
-    object_info, photos, pngs, prepare_base, run, run_cli, run_small, server, wait_until)
+from servers import (  # noqa: F401  the fixtures too (alexnet ... server): pytest finds them by name in this module
+    CHECKPOINT, CLIP_VISION, IMAGES, SERVER_ARGS, SMALL, WORKFLOWS, Server, alexnet, blip_root, checkpoint,
+    clip_vision, load_workflow, models, object_info, photos, pngs, prepare_base, run, run_cli, run_small, server,
+    wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,126 @@ def test_single_gamma_ksampler_workflow_runs(server, photos, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
     assert [Image.open(p).size for p in pngs(tmp_path)] == [(64, 64)]
     assert "KSampler: step 2/2" in done.stdout
+
+
+# --- StyleDiffusion and null-text inversion, edited with P2P / P2Plus -------------------------------------------------
+
+SOURCE = "black and white dog playing red ball on white carpet"  # --source replaces the workflow's (black carpet)
+TARGET = "black and white tiger playing red ball on white carpet"
+
+
+def history_inputs(server, before: set) -> list[dict]:
+    """{class type: inputs} of each prompt the server ran since `before` (a set of prompt ids)."""
+    return [{n["class_type"]: n["inputs"] for n in e["prompt"][2].values()}
+            for i, e in server.get("/history").items() if i not in before]
+
+
+@pytest.fixture(scope="module")
+def stylediffusion_run(server, photos, tmp_path_factory):
+    """The StyleDiffusion workflow once (image encoder, training, the edit, the inversion saved); the re-edit test
+    loads its file."""
+    out, before = tmp_path_factory.mktemp("stylediffusion_out"), set(server.get("/history"))
+    done = run_small(server, "stylediffusion_edit", out, "--source", SOURCE, image=photos[0], target=TARGET)
+    return done, out, history_inputs(server, before)
+
+
+def test_stylediffusion_workflow_runs(stylediffusion_run, server):
+    done, out, ran = stylediffusion_run
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    assert len(pngs(out)) == IMAGES["stylediffusion_edit"]
+    assert re.search(r"Forgedit StyleDiffusion Train: step (\d+)/\1 ", done.stdout), done.stdout
+    assert "Forgedit Inversion Save: " in done.stdout  # the saved file's path, printed from the node's text output
+    grid = next(p for p in pngs(out) if "grid" in p.name)
+    assert Image.open(grid).size[0] >= 2 * 64 and all(Image.open(p).size == (64, 64) for p in pngs(out) if p != grid)
+    saved = [p.name for p in (server.base / "models" / "stylediffusion").glob("*.safetensors")]
+    assert saved == ["stylediffusion_00001_.safetensors"]
+    (inputs,) = ran
+    assert inputs["ForgeditStyleDiffusionTrain"]["source_prompt"] == SOURCE
+    assert inputs["ForgeditStyleDiffusionTrain"]["steps"] == 4
+    assert inputs["ForgeditImageEncoderLoader"]["clip_name"] == CLIP_VISION
+    edit = inputs["ForgeditP2PEdit"]
+    assert (edit["target_prompt"], edit["tau_v"], edit["tau_c"], edit["tau_s"], edit["tau_u"]) == (
+        TARGET, "0.6", "0.6", "0.8", "0.5")
+
+
+def test_nulltext_p2p_workflow_runs(server, photos, tmp_path):
+    done = run_small(server, "nulltext_p2p", tmp_path, image=photos[1], target="a tiger sitting next to a mirror")
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    assert "Forgedit Null-text Inversion: step 1/12 " in done.stdout  # 4 x (1 + 2), fewer after an early stop
+    (grid,) = pngs(tmp_path)
+    assert Image.open(grid).size[0] >= 2 * 64 and Image.open(grid).size[1] >= 64
+
+
+def test_stylediffusion_reedit_workflow_sweeps_tau_without_retraining(stylediffusion_run, server, tmp_path):
+    done = run_small(server, "stylediffusion_reedit_saved", tmp_path, target=TARGET)
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    assert "ForgeditStyleDiffusionTrain" not in done.stdout and "(ForgeditInversionLoad)" in done.stdout
+    (grid,) = pngs(tmp_path)
+    assert Image.open(grid).size[1] >= 4 * 64  # τ_v 0.2, 0.5 x τ_u 0, 0.5: four rows
+
+
+def test_batch_sets_the_target_and_the_taus_of_the_p2p_edit(stylediffusion_run, server, tmp_path):
+    """A workflow without Load Image takes empty image cells; the target column may be named target_prompt."""
+    (tmp_path / "edits.csv").write_text(f"image,target_prompt,tau_c,tau_u\n,{TARGET},0.4,\n,{TARGET},,0.2\n")
+    before = set(server.get("/history"))
+    done = run_cli("stylediffusion_reedit_saved", "--batch", tmp_path / "edits.csv", "--out", tmp_path / "out",
+                   "--set", "ForgeditP2PEdit.tau_v=0.5", servers=[server.url])
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    assert sorted(p.parent.name for p in pngs(tmp_path / "out")) == [f"00{n}-{TARGET.replace(' ', '-')[:40]}"
+                                                                     for n in (1, 2)]
+    taus = sorted(tuple(i["ForgeditP2PEdit"][t] for t in ("target_prompt", "tau_v", "tau_c", "tau_s", "tau_u"))
+                  for i in history_inputs(server, before))
+    assert taus == [(TARGET, "0.5", "0.4", "0.6", "0, 0.5"), (TARGET, "0.5", "0.6", "0.6", "0.2")]
+
+
+def test_ns_lpips_workflow_compares_two_images_under_the_word_mask(server, photos, tmp_path):
+    """--image fills every Load Image node, --image NODE=PATH one of them: the same photo twice scores 0."""
+    before = set(server.get("/history"))
+    same = run_cli("ns_lpips", "--image", photos[0], "--out", tmp_path, *SMALL["ns_lpips"], servers=[server.url])
+    assert same.returncode == 0, same.stdout + same.stderr + server.log_tail()
+    assert "Forgedit NS-LPIPS: NS-LPIPS (paper): 0.0000 (mean of 1: 0.0000)" in same.stdout, same.stdout
+    assert "Forgedit Word Mask: step 2/2 " in same.stdout
+    done = run_cli("ns_lpips", "--image", photos[0], "--image", f"Edited image={photos[1]}", "--out", tmp_path,
+                   *SMALL["ns_lpips"], servers=[server.url])
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    score = float(re.search(r"Forgedit NS-LPIPS: NS-LPIPS \(paper\): (\d+\.\d+)", done.stdout).group(1))
+    assert score > 0 and pngs(tmp_path) == []
+    ran = [e["prompt"][2].values() for i, e in server.get("/history").items() if i not in before]
+    loaded = sorted(sorted((n["_meta"]["title"], n["inputs"]["image"]) for n in nodes if n["class_type"] == "LoadImage")
+                    for nodes in ran)
+    assert loaded == [[("Edited image", photos[i].name), ("Source photo", photos[0].name)] for i in (0, 1)]
+    done = run_cli("ns_lpips", "--image", f"Nope={photos[1]}", "--out", tmp_path, *SMALL["ns_lpips"],
+                   servers=[server.url])
+    assert done.returncode == 1 and "--image Nope=" in done.stderr and "no Load Image node has the id or title 'Nope'" \
+        in done.stderr, done.stderr
+
+
+def test_missing_image_encoder_or_inversion_files_are_named_before_queueing(server, photos, tmp_path):
+    done = run_cli("stylediffusion_edit", "--image", photos[0], "--target", TARGET, "--out", tmp_path,
+                   servers=[server.url])
+    assert done.returncode == 1
+    for expected in ("a model file the workflow names is missing (nothing was queued)",
+                     "(ForgeditImageEncoderLoader), input clip_name: no file 'clip-vit-base-patch16.safetensors' in ",
+                     "models/clip_vision on http://127.0.0.1:", f"(it has: {CLIP_VISION})"):
+        assert expected in done.stderr, done.stderr
+    done = run_cli("stylediffusion_reedit_saved", "--target", TARGET, "--out", tmp_path,
+                   "--set", "ForgeditInversionLoad.file=nope.safetensors", servers=[server.url])
+    assert done.returncode == 1
+    for expected in ("(ForgeditInversionLoad), input file: no file 'nope.safetensors' in ",
+                     "models/stylediffusion on http://127.0.0.1:"):
+        assert expected in done.stderr, done.stderr
+    done = run_cli("stylediffusion_reedit_saved", "--target", TARGET, "--source", SOURCE, "--out", tmp_path,
+                   servers=[server.url])
+    assert done.returncode == 1
+    assert "--source: no Forgedit node in this workflow has a typed source_prompt" in done.stderr, done.stderr
+    assert pngs(tmp_path) == [] and server.get("/queue") == {"queue_running": [], "queue_pending": []}
+
+
+def test_a_failing_edit_names_the_p2p_node(stylediffusion_run, server, tmp_path):
+    done = run_small(server, "stylediffusion_reedit_saved", tmp_path, target="a tiger")
+    assert done.returncode == 1 and pngs(tmp_path) == []
+    assert "'Forgedit P2P / P2Plus Edit' (ForgeditP2PEdit) failed: ValueError: replace needs the same number of " \
+           "words in both prompts" in done.stderr, done.stderr
 
 
 BAD = {

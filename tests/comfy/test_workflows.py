@@ -12,12 +12,13 @@ import urllib.request
 from pathlib import Path
 
 from find_comfyui import PACK
-from servers import (  # noqa: F401  the fixtures used here: blip_root, checkpoint, models, object_info, server
-    NAMES, WORKFLOWS, blip_root, checkpoint, load_workflow, models, object_info, run, server)
+from servers import (  # noqa: F401  fixtures: alexnet, blip_root, checkpoint, clip_vision, models, object_info, server
+    NAMES, WORKFLOWS, alexnet, blip_root, checkpoint, clip_vision, load_workflow, models, object_info, run, server)
 
 SNAPSHOT = PACK / "tests" / "ops" / "data" / "object_info.json"
 FILE_LISTS = {("LoadImage", "image"), ("ForgeditLoad", "file"), ("ForgeditImageEncoderLoader", "clip_name"),
-              ("ForgeditInversionLoad", "file"), ("ForgeditStyleDiffusionImport", "pth_file")}  # the folders' files today
+              ("ForgeditInversionLoad", "file"), ("ForgeditStyleDiffusionImport", "pth_file"),
+              ("ForgeditNSLPIPS", "trunk_file"), ("ForgeditNSLPIPS", "lin_file")}  # the folders' files today
 
 
 def comparable(info: dict) -> dict:
@@ -26,7 +27,8 @@ def comparable(info: dict) -> dict:
     used = {n["type"] for name in NAMES for n in load_workflow(name)["nodes"]} - run.workflow_api.FRONTEND_ONLY
     keep = {c: json.loads(json.dumps(info[c])) for c in sorted(used | {c for c in info if c.startswith("Forgedit")})}
     for (cls, name) in FILE_LISTS:
-        spec = keep[cls]["input"]["required"][name]
+        inputs = keep[cls]["input"]
+        spec = inputs["required"][name] if name in inputs["required"] else inputs["optional"][name]
         if isinstance(spec[0], list):
             spec[0] = []
         else:
@@ -134,17 +136,42 @@ async def load_in_browser(url: str, profile: Path, names: list[str], shots: Path
         run.stop_process(browser.pid, browser, grace=30)
 
 
+def thumbnail(screenshot: Path, jpeg: Path) -> None:
+    """A workflow's template thumbnail from its 1600 x 1000 screenshot: the canvas without the tab bar and the side bar,
+    900 px wide (Pillow's default bicubic), JPEG quality 82."""
+    from PIL import Image
+
+    Image.open(screenshot).convert("RGB").crop((64, 80, 1600, 1000)).resize((900, 539)).save(jpeg, quality=82)
+
+
+def check_loaded(name: str, result: dict, object_info: dict, shots: Path) -> None:
+    """One workflow as the frontend loaded it: no missing node, dialog or error; saved back unchanged; its API export
+    equals run.py's conversion; a screenshot."""
+    assert result["missing"] == [] and result["dialogs"] == [] and result["errors"] == [], (name, result)
+    assert result["saved"] == load_workflow(name), f"the frontend saves {name} differently"
+    ours, _ = run.convert(load_workflow(name), object_info)
+    known = {i: {n for s in ("required", "optional") for n in object_info[v["class_type"]]["input"].get(s, {})}
+             for i, v in ours.items()}  # the frontend also sends its display-only widgets (PreviewAny's preview)
+    theirs = {i: {"class_type": v["class_type"], "inputs": {k: x for k, x in v["inputs"].items() if k in known[i]}}
+              for i, v in result["api"].items()}
+    assert theirs == {i: {"class_type": v["class_type"], "inputs": v["inputs"]} for i, v in ours.items()}, name
+    assert (shots / f"{name}.png").stat().st_size > 10_000
+
+
 def test_the_frontend_loads_each_workflow_unchanged(server, object_info, tmp_path):
+    """Every workflow is checked (the failures listed together). FORGEDIT_WRITE_THUMBNAILS=1 also rewrites each passing
+    workflow's workflows/<name>.jpg from its screenshot (after changing its layout); FORGEDIT_WRITE_THUMBNAILS=name,name
+    only those."""
     shots = PACK / "out" / "screenshots"  # kept as the test's artifact (git-ignored)
     shots.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(load_in_browser(server.url, tmp_path / "profile", NAMES, shots))
+    write, failures = os.environ.get("FORGEDIT_WRITE_THUMBNAILS", ""), []
     for name, result in results.items():
-        assert result["missing"] == [] and result["dialogs"] == [] and result["errors"] == [], (name, result)
-        assert result["saved"] == load_workflow(name), f"the frontend saves {name} differently"
-        ours, _ = run.convert(load_workflow(name), object_info)
-        known = {i: {n for s in ("required", "optional") for n in object_info[v["class_type"]]["input"].get(s, {})}
-                 for i, v in ours.items()}  # the frontend also sends its display-only widgets (PreviewAny's preview)
-        theirs = {i: {"class_type": v["class_type"], "inputs": {k: x for k, x in v["inputs"].items() if k in known[i]}}
-                  for i, v in result["api"].items()}
-        assert theirs == {i: {"class_type": v["class_type"], "inputs": v["inputs"]} for i, v in ours.items()}, name
-        assert (shots / f"{name}.png").stat().st_size > 10_000
+        try:
+            check_loaded(name, result, object_info, shots)
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+            continue
+        if write == "1" or name in write.split(","):
+            thumbnail(shots / f"{name}.png", WORKFLOWS / f"{name}.jpg")
+    assert not failures, "\n\n".join(failures)

@@ -38,6 +38,15 @@ def jpeg_size_ok(path) -> bool:
     return data[:2] == b"\xff\xd8" and len(data) < 100_000
 
 
+NOTE_WORDS = {  # what the notes of each family of workflows must explain
+    "forgedit": ("encoderattn", "decoderattn", "0.5", "0.7", "1.0", "1.4", "Load Checkpoint"),
+    "p2p": ("tau_c", "tau_s", "tau_u", "tau_v", "0.6", "0.8", "replace", "blend", "reweight", "Load Checkpoint",
+            "python run.py"),
+    "metrics": ("NS-LPIPS", "Forgedit Word Mask", "models/lpips", "alexnet-owt-7be5be79.pth", "Load Checkpoint",
+                "python run.py"),
+}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflows_are_saved_as_the_frontend_saves_them(name, object_info):
     wf = load_workflow(name)
@@ -53,7 +62,9 @@ def test_workflows_are_saved_as_the_frontend_saves_them(name, object_info):
     notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
     assert notes and all(len(n["widgets_values"]) == 1 for n in notes)
     text = " ".join(n["widgets_values"][0] for n in notes)
-    assert all(word in text for word in ("encoderattn", "decoderattn", "0.5", "0.7", "1.0", "1.4", "Load Checkpoint"))
+    types = {n["type"] for n in wf["nodes"]}
+    family = "p2p" if "ForgeditP2PEdit" in types else "metrics" if "ForgeditNSLPIPS" in types else "forgedit"
+    assert [word for word in NOTE_WORDS[family] if word not in text] == []
     for n in wf["nodes"]:
         assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
                 "widgets_values"} <= set(n)
@@ -171,3 +182,38 @@ def test_missing_model_files_name_the_file_and_the_folder(object_info):
     api.set_class_input(reedit, {"ForgeditLoad": "file"}, "nothing.safetensors", "--set")
     assert ("file", "nothing.safetensors", "forgedit") in {(m[1], m[2], m[3]) for m in
                                                            api.missing_model_files(reedit, object_info)}
+
+
+def test_target_and_source_reach_the_p2p_edit_and_the_inversion(object_info):
+    prompt, _ = api.convert(load_workflow("stylediffusion_edit"), object_info)
+    api.set_target(prompt, "black and white cat playing red ball on black carpet")
+    api.set_source(prompt, "black and white dog playing red ball on grey carpet")
+    by_class = {n["class_type"]: n["inputs"] for n in prompt.values()}
+    assert by_class["ForgeditP2PEdit"]["target_prompt"] == "black and white cat playing red ball on black carpet"
+    assert by_class["ForgeditStyleDiffusionTrain"]["source_prompt"] == \
+        "black and white dog playing red ball on grey carpet"
+    reedit, _ = api.convert(load_workflow("stylediffusion_reedit_saved"), object_info)
+    api.set_target(reedit, "black and white cat playing red ball on black carpet")
+    with pytest.raises(api.RunError, match="--source: no Forgedit node in this workflow has a typed source_prompt"):
+        api.set_source(reedit, "a dog")
+    metric, _ = api.convert(load_workflow("ns_lpips"), object_info)
+    api.set_source(metric, "a dog on a sofa")
+    assert next(n for n in metric.values() if n["class_type"] == "ForgeditWordMask")["inputs"]["prompt"] == \
+        "a dog on a sofa"
+    vanilla, _ = api.convert(load_workflow("forgedit_vanilla"), object_info)  # its source prompt is the caption's
+    with pytest.raises(api.RunError, match="--source: no Forgedit node"):
+        api.set_source(vanilla, "a dog")
+    edit = next(n for n in reedit.values() if n["class_type"] == "ForgeditP2PEdit")
+    edit["class_type"] = "SomethingElse"
+    with pytest.raises(api.RunError, match="--target: no CLIP Text Encode .* and no Forgedit P2P / P2Plus Edit"):
+        api.set_target(reedit, "a tiger")
+
+
+def test_missing_image_encoder_and_inversion_files_name_their_folders(object_info):
+    prompt, _ = api.convert(load_workflow("stylediffusion_edit"), object_info)
+    assert {(m[1], m[2], m[3]) for m in api.missing_model_files(prompt, object_info)} == {
+        ("ckpt_name", "v1-5-pruned-emaonly-fp16.safetensors", "checkpoints"),
+        ("clip_name", "clip-vit-base-patch16.safetensors", "clip_vision")}  # the snapshot's file lists are emptied
+    reedit, _ = api.convert(load_workflow("stylediffusion_reedit_saved"), object_info)
+    assert ("file", "stylediffusion_00001_.safetensors", "stylediffusion") in {
+        (m[1], m[2], m[3]) for m in api.missing_model_files(reedit, object_info)}
