@@ -11,6 +11,7 @@ from .inversion_storage import ForgeditInversionLoad, ForgeditInversionSave, For
 from .metrics import ForgeditNSLPIPS, ForgeditWordMask
 from .p2p_edit import ForgeditP2PEdit
 from .sampler import ForgeditSampler
+from .score import ForgeditScore
 from .storage import ForgeditExportLora, ForgeditLoad, ForgeditSave
 from .v3 import ComfyExtension, io
 
@@ -21,4 +22,5 @@ class ForgeditExtension(ComfyExtension):
                 ForgeditInterpolate, ForgeditForget, ForgeditSampler, ForgeditSave,
                 ForgeditLoad, ForgeditExportLora, ForgeditImageEncoderLoader, ForgeditDDIMInversion,
                 ForgeditNullTextInversion, ForgeditStyleDiffusionTrain, ForgeditInversionSave, ForgeditInversionLoad,
-                ForgeditStyleDiffusionImport, ForgeditP2PEdit, ForgeditWordMask, ForgeditNSLPIPS]
+                ForgeditStyleDiffusionImport, ForgeditP2PEdit, ForgeditWordMask, ForgeditNSLPIPS,
+                ForgeditScore]

@@ -11,9 +11,11 @@ import torch
 from ..forgedit_ops.images import labelled_grid
 from ..forgedit_ops.interpolation import interpolate
 from ..forgedit_ops.schedule import ddim_final_scale, ddim_noise_scale, reference_sigmas
+from ..forgedit_ops.score import SweepData
 from ..forgedit_ops.sweep import MAX_IMAGES, MODES, read_sweep
 from .common import CATEGORY, Result, given, queue_check, sdpa_on_cpu, target_embedding
 from .edit import ALPHA_TOOLTIP, GAMMA_TOOLTIP, MODE_TOOLTIP, carries_result
+from .score import SWEEP_TOOLTIP, Sweep
 from .v3 import io
 
 REFERENCE = "forgedit_reference"
@@ -116,7 +118,7 @@ class ForgeditSampler(io.ComfyNode):
                                               "default the empty prompt, as the reference."),
             ],
             outputs=[io.Latent.Output(display_name="latent"), io.Image.Output(display_name="images"),
-                     io.Image.Output(display_name="grid")],
+                     io.Image.Output(display_name="grid"), Sweep.Output(display_name="sweep", tooltip=SWEEP_TOOLTIP)],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -157,4 +159,5 @@ class ForgeditSampler(io.ComfyNode):
             samples = samples * ddim_final_scale(float(sigmas[-1]))
         images = vae.decode(samples)
         grid = labelled_grid(images, len(plan.seeds), len(plan.columns), plan.row_labels, plan.col_labels)
-        return io.NodeOutput({"samples": samples}, images, grid)
+        sweep = SweepData(images, [c.gamma for c in cells], [c.alpha for c in cells], list(seed_of), mode)
+        return io.NodeOutput({"samples": samples}, images, grid, sweep)

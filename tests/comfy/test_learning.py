@@ -49,7 +49,7 @@ def test_gamma_zero_samples_approach_the_image(tiny, learned):
     source, = run_node("CLIPTextEncode", clip=tiny["clip"], text=FINETUNE["source_prompt"])
     negative, = run_node("CLIPTextEncode", clip=tiny["clip"], text="")
     z = image_latent(tiny)
-    ours, _, _ = run_node("ForgeditSampler", model=edited, result=result, target=target, vae=tiny["vae"], mode="vs",
+    ours, _, _, _ = run_node("ForgeditSampler", model=edited, result=result, target=target, vae=tiny["vae"], mode="vs",
                           gammas="0", alphas="0.7", seeds="0, 1, 2", steps=20, cfg=1.0, sampler_name="ddim",
                           scheduler="forgedit_reference", batch_size=3)
     base_errors = []

@@ -130,7 +130,7 @@ def test_reference_schedule_matches_diffusers_ddim(comfy, tiny):
     result = pack.forgedit_ops.result.ForgeditResult({key: zero}, e_src, uncond,
                                                      {"base_fingerprint": base_fp, "width": 128, "height": 128})
     edited, = run_node("ForgeditForget", model=model, result=result, strategy="donotforget", degree=0.0)
-    latent, _, _ = run_node("ForgeditSampler", model=edited, result=result, target=[[torch.randn(1, 77, 32), {}]],
+    latent, _, _, _ = run_node("ForgeditSampler", model=edited, result=result, target=[[torch.randn(1, 77, 32), {}]],
                             vae=tiny["vae"], mode="vs", gammas="0", alphas="0.7", seeds=str(seed), steps=50, cfg=7.5,
                             sampler_name="ddim", scheduler="forgedit_reference", batch_size=8)
 

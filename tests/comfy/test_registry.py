@@ -36,7 +36,7 @@ NODE_IDS = ["ForgeditCaption", "ForgeditFinetune", "ForgeditImagic", "ForgeditDr
             "ForgeditInterpolate", "ForgeditForget", "ForgeditSampler", "ForgeditSave", "ForgeditLoad", "ForgeditExportLora",
             "ForgeditImageEncoderLoader", "ForgeditDDIMInversion", "ForgeditNullTextInversion",
             "ForgeditStyleDiffusionTrain", "ForgeditInversionSave", "ForgeditInversionLoad", "ForgeditStyleDiffusionImport",
-            "ForgeditP2PEdit", "ForgeditWordMask", "ForgeditNSLPIPS"]
+            "ForgeditP2PEdit", "ForgeditWordMask", "ForgeditNSLPIPS", "ForgeditScore"]
 
 
 def test_the_pack_registers_the_nodes_the_docs_cover(comfy):

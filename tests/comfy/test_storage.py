@@ -55,7 +55,7 @@ def edit(tiny, result):
     """Forget + a short sweep (2 gammas, 1 seed, 3 steps): the latents a loaded result has to reproduce."""
     target, = run_node("CLIPTextEncode", clip=tiny["clip"], text="a blue square")
     edited, = run_node("ForgeditForget", model=tiny["model"], result=result, strategy="donotforget", degree=0.0)
-    latent, _, _ = run_node("ForgeditSampler", model=edited, result=result, target=target, vae=tiny["vae"], mode="vs",
+    latent, _, _, _ = run_node("ForgeditSampler", model=edited, result=result, target=target, vae=tiny["vae"], mode="vs",
                             gammas="0, 0.8", alphas="0.7", seeds="3", steps=3, cfg=7.5, sampler_name="ddim",
                             scheduler="forgedit_reference", batch_size=2)
     return latent["samples"]

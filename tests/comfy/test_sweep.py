@@ -28,7 +28,7 @@ def edited(tiny, finetuned):
 def sweep(model, result, target, vae, **overrides):
     inputs = dict(model=model, result=result, target=target, vae=vae, mode="vs", gammas="0.4, 0.9", alphas="0.7",
                   seeds="5, 6", steps=3, cfg=7.5, sampler_name="euler_ancestral", scheduler="normal", batch_size=4)
-    latent, _, _ = run_node("ForgeditSampler", **{**inputs, **overrides})
+    latent, _, _, _ = run_node("ForgeditSampler", **{**inputs, **overrides})
     return latent["samples"]
 
 
@@ -78,7 +78,7 @@ def test_vp_sweep_is_alpha_major_like_interpolate(tiny, finetuned, prompts, edit
     one, = run_node("ForgeditInterpolate", result=finetuned, target=prompts["target"], mode="vp", gammas="1.0",
                     alphas="0.9")
     assert torch.equal(cond[0][0][2], one[0][0][0])
-    latent, _, grid = run_node("ForgeditSampler", model=edited, result=finetuned, target=prompts["target"],
+    latent, _, grid, _ = run_node("ForgeditSampler", model=edited, result=finetuned, target=prompts["target"],
                                vae=tiny["vae"], mode="vp", gammas="1.0, 1.2", alphas="0.7, 0.9", seeds="5", steps=2,
                                cfg=7.5, sampler_name="euler", scheduler="normal", batch_size=4)
     alone = sweep(edited, finetuned, prompts["target"], tiny["vae"], mode="vp", gammas="1.0", alphas="0.9", seeds="5",
