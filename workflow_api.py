@@ -224,7 +224,8 @@ MODEL_INPUTS = {  # input name -> models/ folder, for the loaders of the core no
 PACK_MODEL_INPUTS = {("ForgeditLoad", "file"): "forgedit", ("ForgeditCaption", "blip_model"): "blip",
                      ("ForgeditImageEncoderLoader", "clip_name"): "clip_vision", ("CLIPVisionLoader", "clip_name"):
                      "clip_vision", ("ForgeditInversionLoad", "file"): "stylediffusion",
-                     ("ForgeditStyleDiffusionImport", "pth_file"): "stylediffusion"}
+                     ("ForgeditStyleDiffusionImport", "pth_file"): "stylediffusion",
+                     ("ForgeditScore", "clip_name"): "clip_vision"}
 
 
 def combo_options(spec) -> list | None:

@@ -46,6 +46,10 @@ class ForgeditInterpolate(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default="vs", tooltip=MODE_TOOLTIP),
                 io.String.Input("gammas", default="0.6", tooltip=GAMMA_TOOLTIP),
                 io.String.Input("alphas", default="0.7", tooltip=ALPHA_TOOLTIP + f" At most {MAX_IMAGES} settings."),
+                io.Float.Input("gamma", optional=True, force_input=True,
+                               tooltip="Optional: Forgedit Score's gamma; when connected it replaces gammas."),
+                io.Float.Input("alpha", optional=True, force_input=True,
+                               tooltip="Optional: Forgedit Score's alpha (vp); when connected it replaces alphas."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning")],
         )
@@ -56,8 +60,8 @@ class ForgeditInterpolate(io.ComfyNode):
         return queue_check(read_columns, given(mode, "vs"), given(gammas, "0"), given(alphas, "0"))
 
     @classmethod
-    def execute(cls, result, target, mode, gammas, alphas) -> io.NodeOutput:
-        columns = read_columns(mode, gammas, alphas)
+    def execute(cls, result, target, mode, gammas, alphas, gamma=None, alpha=None) -> io.NodeOutput:
+        columns = read_columns(mode, gammas if gamma is None else repr(gamma), alphas if alpha is None else repr(alpha))
         e = interpolate(result.source_embedding, target_embedding(target, result), mode, [g for _, g in columns],
                         [a for a, _ in columns])
         extras = dict(target[0][1])

@@ -147,3 +147,12 @@ def test_forget_accepts_a_reloaded_base(finetuned):
         same = tiny_model()
     edited, = run_node("ForgeditForget", model=same, result=finetuned, strategy="noencoder", degree=0.5)
     assert len(edited.patches) == 518
+
+
+def test_a_connected_gamma_or_alpha_replaces_the_lists(tiny, finetuned):
+    """Forgedit Score's FLOAT outputs drive Forgedit Interpolate through its optional gamma / alpha sockets."""
+    target, = run_node("CLIPTextEncode", clip=tiny["clip"], text="a blue square")
+    typed, = run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vp", gammas="1.2", alphas="0.7")
+    linked, = run_node("ForgeditInterpolate", result=finetuned, target=target, mode="vp", gammas="0.1, 0.2",
+                       alphas="0.3", gamma=1.2, alpha=0.7)
+    assert torch.equal(typed[0][0], linked[0][0]) and linked[0][0].shape[0] == 1
