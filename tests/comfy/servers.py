@@ -16,10 +16,12 @@ from test_caption import blip_root  # noqa: F401  the tiny random BLIP folder (a
 
 WORKFLOWS = PACK / "workflows"
 NAMES = ["forgedit_vanilla", "forgedit_reedit_saved", "forgedit_single_gamma_ksampler", "imagic", "forgedit_imagic",
-         "dreambooth_forgedit", "stylediffusion_edit", "nulltext_p2p", "stylediffusion_reedit_saved", "ns_lpips"]
+         "dreambooth_forgedit", "stylediffusion_edit", "nulltext_p2p", "stylediffusion_reedit_saved", "ns_lpips",
+         "forgedit_score"]
 CHECKPOINT = "shallow_sd15.safetensors"
 CLIP_VISION = "tiny-vit-b16.safetensors"
 ALEXNET = "random-alexnet.safetensors"
+SCORE_CLIP = "tiny-clip-l14.safetensors"  # Forgedit Score's CLIP: text and image towers, both projections
 SERVER_ARGS = ["--cpu", "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
 TRAIN = ["--set", "ForgeditFinetune.samples=4", "--set", "ForgeditFinetune.batch_size=2"]
 SAMPLE = ["--set", "ForgeditSampler.steps=2", "--set", "ForgeditSampler.gammas=0.6, 0.8", "--set",
@@ -54,10 +56,15 @@ SMALL = {  # CPU-sized settings for each workflow: 64 x 64, 2 training steps, 2 
     "stylediffusion_reedit_saved": [],
     "ns_lpips": ["--set", "ForgeditWordMask.width=64", "--set", "ForgeditWordMask.height=64", "--set",
                  "ForgeditWordMask.steps=2", "--set", f"ForgeditNSLPIPS.trunk_file={ALEXNET}"],
+    "forgedit_score": [*TRAIN, "--set", "width.value=64", "--set", "height.value=64", "--set",
+                       "ForgeditCaption.blip_model=tiny-blip", "--set", "ForgeditSampler.steps=2", "--set",
+                       "ForgeditSampler.gammas=0.4, 0.6, 0.8", "--set", "ForgeditSampler.seeds=0, 1", "--set",
+                       "ForgeditSampler.batch_size=2", "--set", f"ForgeditScore.clip_name={SCORE_CLIP}",
+                       "--set", "KSampler.steps=2"],
 }
 IMAGES = {"forgedit_vanilla": 1 + 4, "forgedit_reedit_saved": 1 + 3, "forgedit_single_gamma_ksampler": 1,
           "stylediffusion_edit": 1 + 2, "nulltext_p2p": 1, "stylediffusion_reedit_saved": 1,  # grids, each image
-          "ns_lpips": 0}
+          "ns_lpips": 0, "forgedit_score": 3}  # forgedit_score: the grid, the score plot, the KSampler image
 
 
 run = load_module("forgedit_run", "run.py")
@@ -142,6 +149,36 @@ def clip_vision(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip_vision") / CLIP_VISION
     save_file(sd, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def score_clip(tmp_path_factory) -> Path:
+    """A random CLIP in openai/clip-vit-large-patch14's HF layout with both towers and both projections (the file
+    Forgedit Score reads), two layers 32 wide, 28 px images in 14 px patches. Not among `models`: a second file in
+    models/clip_vision would change Forgedit Score's clip_name list in the object_info snapshot; the test that needs it
+    links it into its server with add_model."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=69, num_attention_heads=1, num_hidden_layers=2, vocab_size=49408,
+                max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407,
+                hidden_act="quick_gelu")
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=1, num_hidden_layers=2, image_size=28,
+                  patch_size=14, hidden_act="quick_gelu")
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}
+    path = tmp_path_factory.mktemp("score_clip") / SCORE_CLIP
+    save_file(sd, str(path))
+    return path
+
+
+def add_model(server: "Server", relative: str, target: Path) -> None:
+    """Link one more model file into a running server's base directory (ComfyUI rescans a folder whose time changed)."""
+    link = server.base / relative
+    if not link.exists():
+        link.symlink_to(target)
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ import pytest
 from find_comfyui import PACK, comfyui_path
 from PIL import Image
 from servers import (  # noqa: F401  the fixtures too (alexnet ... server): pytest finds them by name in this module
-    CHECKPOINT, CLIP_VISION, IMAGES, SERVER_ARGS, SMALL, WORKFLOWS, Server, alexnet, blip_root, checkpoint,
-    clip_vision, load_workflow, models, object_info, photos, pngs, prepare_base, run, run_cli, run_small, server,
-    wait_until)
+    CHECKPOINT, CLIP_VISION, IMAGES, SCORE_CLIP, SERVER_ARGS, SMALL, WORKFLOWS, Server, add_model, alexnet, blip_root,
+    checkpoint, clip_vision, load_workflow, models, object_info, photos, pngs, prepare_base, run, run_cli, run_small,
+    score_clip, server, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,48 @@ def test_single_gamma_ksampler_workflow_runs(server, photos, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
     assert [Image.open(p).size for p in pngs(tmp_path)] == [(64, 64)]
     assert "KSampler: step 2/2" in done.stdout
+
+
+def test_score_workflow_scores_the_sweep_and_samples_full_size(server, photos, score_clip, tmp_path):
+    """forgedit_score: the sweep (3 γ × 2 seeds) scored by Forgedit Score with a tiny random CLIP; its plot and table
+    come back, its line names a γ of the sweep, and KSampler's image has the fine-tune's size and is the picked γ: Score's
+    gamma / alpha outputs drive Forgedit Interpolate (its typed gammas, 0 here, is ignored), so the same graph with those
+    links removed and the pick typed into gammas gives the same pixels (and from the cache, only that branch re-runs)."""
+    add_model(server, f"models/clip_vision/{SCORE_CLIP}", score_clip)
+    linked = tmp_path / "linked"
+    done = run_small(server, "forgedit_score", linked, "--set", "ForgeditInterpolate.gammas=0", image=photos[0],
+                     target="a blue disc")
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    images = {p.name.rsplit("_", 2)[0]: p for p in pngs(linked)}
+    sizes = {name: Image.open(p).size for name, p in images.items()}
+    assert len(pngs(linked)) == IMAGES["forgedit_score"] and set(images) == {"grid", "plot", "final"}
+    assert sizes["final"] == (64, 64) and sizes["plot"] == (960, 400) and sizes["grid"] > (128, 128)
+    picked = re.search(r"Forgedit Score: Forgedit Score \(threshold\): gamma ([0-9.]+);", done.stdout)
+    assert picked and float(picked.group(1)) in (0.4, 0.6, 0.8), done.stdout
+    table = done.stdout.partition("Score table: ")[2].splitlines()
+    assert table[0].startswith("Forgedit Score (threshold): gamma ") and table[1].split("\t")[:2] == ["alpha", "gamma"]
+    assert [row.split("\t")[1] for row in table[2:5]] == ["0.4", "0.6", "0.8"] and "direction" in table[1]
+    assert "KSampler: step 2/2" in done.stdout
+
+    workflow = load_workflow("forgedit_score")
+    interpolate = next(n for n in workflow["nodes"] if n["type"] == "ForgeditInterpolate")
+    score = next(n for n in workflow["nodes"] if n["type"] == "ForgeditScore")
+    wired = {link[0] for link in workflow["links"] if link[1] == score["id"] and link[3] == interpolate["id"]}
+    assert [(i["name"], i["link"] in wired) for i in interpolate["inputs"] if i["type"] == "FLOAT"] == \
+        [("gamma", True), ("alpha", True)]
+    workflow["links"] = [link for link in workflow["links"] if link[0] not in wired]
+    for i in interpolate["inputs"]:
+        i["link"] = None if i["link"] in wired else i["link"]
+    for o in score["outputs"]:
+        o["links"] = [x for x in o["links"] if x not in wired]
+    (tmp_path / "typed.json").write_text(json.dumps(workflow), encoding="utf-8")
+    typed = tmp_path / "typed"
+    again = run_cli(tmp_path / "typed", "--image", photos[0], "--target", "a blue disc", "--out", typed,
+                    *SMALL["forgedit_score"], "--set", f"ForgeditInterpolate.gammas={picked.group(1)}",
+                    servers=[server.url])
+    assert again.returncode == 0, again.stdout + again.stderr + server.log_tail()
+    final = next(p for p in pngs(typed) if p.name.startswith("final_"))
+    assert Image.open(final).tobytes() == Image.open(images["final"]).tobytes()
 
 
 # --- StyleDiffusion and null-text inversion, edited with P2P / P2Plus -------------------------------------------------
