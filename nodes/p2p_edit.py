@@ -1,6 +1,7 @@
 """Forgedit P2P / P2Plus Edit: Prompt-to-Prompt (Hertz et al. 2022) and StyleDiffusion's P2Plus (Li et al. 2023,
 §3.3) from any inversion: the source and the target denoised together from x_T with their attention tied."""
 import itertools
+import logging
 
 import torch
 
@@ -121,7 +122,11 @@ class ForgeditP2PEdit(io.ComfyNode):
         require_inversion_base(model, inversion)
         plan = edit_plan(clip, inversion, target_prompt, edit_type, reweight, aligner, blend_source_words,
                          blend_target_words, blend_threshold, blend_start, selfattn_levels)
-        guidance = guidance or inversion.metadata.get("guidance", 7.5)
+        inverted_for = inversion.metadata.get("guidance", 7.5)
+        if guidance and guidance != inverted_for and inversion.kind != "ddim":
+            logging.warning("Forgedit P2P / P2Plus Edit: guidance %g, but this %s inversion was optimised for %g; the "
+                            "source will not reconstruct as closely", guidance, inversion.kind, inverted_for)
+        guidance = guidance or inverted_for
         eps, abar, device = edit_eps(model, inversion, batch_mode, cls.hidden.unique_id, len(combos))
         latents = []
         for taus in combos:
