@@ -41,9 +41,11 @@ def trainable_copy(module: nn.Module, is_trained: Callable[[str], bool], device,
                    drop: Iterable[str] = ()) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """A structural copy of `module` for training on `device`: trained tensors become fp32 master parameters. Frozen
     matrices and kernels stay `module`'s own tensors when autocast to a `compute_dtype` other than theirs makes a fresh
-    copy at every use (so none of them is saved for backward), else become copies in `compute_dtype`; norm weights and
-    biases are fp32 copies (CPU norms reject mixed dtypes). Submodule attributes named in `drop` (a host's runtime
-    handles, which may not be copyable) are left out of the copy. `module` is left untouched."""
+    copy at every use (so none of them is saved for backward) or when they already are `compute_dtype` on `device`
+    (then read in place through an ordinary tensor on their storage: a host's inference tensors cannot be saved for
+    backward), else become copies in `compute_dtype`; norm weights and biases are fp32 copies (CPU norms reject mixed
+    dtypes). Submodule attributes named in `drop` (a host's runtime handles, which may not be copyable) are left out of
+    the copy. `module` is left untouched."""
     memo, params, drop = {}, {}, tuple(drop)
     for name, p in module.named_parameters():
         trained = is_trained(name)
@@ -51,6 +53,8 @@ def trainable_copy(module: nn.Module, is_trained: Callable[[str], bool], device,
             fresh = nn.Parameter(_plain(p, device, torch.float32), requires_grad=trained)
         elif compute_dtype not in (torch.float32, p.dtype) and p.device.type == device.type:
             fresh = nn.Parameter(p.detach(), requires_grad=False)
+        elif p.dtype == compute_dtype and p.device == torch.device(device):
+            fresh = nn.Parameter(_alias(p), requires_grad=False)
         else:
             fresh = nn.Parameter(_plain(p, device, compute_dtype), requires_grad=False)
         memo[id(p)] = fresh
@@ -66,6 +70,12 @@ def trainable_copy(module: nn.Module, is_trained: Callable[[str], bool], device,
         for name in drop:
             vars(m).pop(name, None)
     return student, params
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor on `t`'s storage (no copy), even when `t` is an inference tensor; call outside inference mode."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                               t.stride())
 
 
 def _plain(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:

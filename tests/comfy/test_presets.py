@@ -97,15 +97,26 @@ def test_micro_batches_and_fused_step_are_the_same_mathematics(w64):
         train(micro_batch=2, fused_step=True)
 
 
-def test_reduced_precision_training_reads_frozen_weights_in_place(w64):
+def test_training_reads_frozen_weights_in_place(w64):
+    """bf16 autocast reads the fp32 weights in place; fp32 reads them through ordinary tensors on their storage, even
+    when they are inference tensors (a MODEL loaded inside a prompt), and backward still works."""
     from forgedit_ops.finetune import trainable_copy
     from forgedit_ops.forgetting import is_trained
 
     unet = w64[0].model.diffusion_model
-    base = dict(unet.named_parameters())
-    for dtype, shared in ((torch.bfloat16, True), (torch.float32, False)):
+    with torch.inference_mode():
+        loaded = {k: p.clone() for k, p in unet.named_parameters()}
+    for dtype in (torch.bfloat16, torch.float32):
         copy, params = trainable_copy(unet, is_trained, torch.device("cpu"), dtype)
-        student = dict(copy.named_parameters())
+        student, base = dict(copy.named_parameters()), dict(unet.named_parameters())
         frozen = [k for k, p in base.items() if p.dim() > 1 and k not in params]
-        assert frozen and all((student[k].data_ptr() == base[k].data_ptr()) is shared for k in frozen)
+        assert frozen and all(student[k].data_ptr() == base[k].data_ptr() for k in frozen)
         assert all(student[k].data_ptr() != base[k].data_ptr() and student[k].dtype == torch.float32 for k in params)
+    inference = torch.nn.Linear(4, 4)
+    with torch.inference_mode():
+        inference.weight = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    copy, _ = trainable_copy(inference, lambda name: False, torch.device("cpu"))
+    x = torch.randn(2, 4, requires_grad=True)
+    copy(x).sum().backward()
+    assert copy.weight.data_ptr() == inference.weight.data_ptr() and x.grad is not None
+    assert all(torch.equal(p, loaded[k]) for k, p in unet.named_parameters())
