@@ -194,7 +194,7 @@ def test_missing_image_encoder_or_inversion_files_are_named_before_queueing(serv
     assert done.returncode == 1
     for expected in ("a model file the workflow names is missing (nothing was queued)",
                      "(ForgeditImageEncoderLoader), input clip_name: no file 'clip-vit-base-patch16.safetensors' in ",
-                     "models/clip_vision on http://127.0.0.1:", f"(it has: {CLIP_VISION})"):
+                     "models/clip_vision on http://127.0.0.1:", "(it has: ", CLIP_VISION):
         assert expected in done.stderr, done.stderr
     done = run_cli("stylediffusion_reedit_saved", "--target", TARGET, "--out", tmp_path,
                    "--set", "ForgeditInversionLoad.file=nope.safetensors", servers=[server.url])
