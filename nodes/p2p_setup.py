@@ -14,7 +14,8 @@ from ..forgedit_ops.schedule import alphas_cumprod
 from ..forgedit_ops.stylediffusion import MappingNet
 from .common import encode_prompt, unet_fingerprint
 from .host import free_memory, materialized, sdpa_transformer_options
-from .inversion_run import compute_dtype, progress
+from .inversion_run import compute_dtype
+from .training import progress
 from .p2p_attention import EDIT, FILM, SD1_BLOCKS, edit_options, require_free_layers
 
 ALIGNERS = ("reference", "fixed")
@@ -94,9 +95,11 @@ def edit_plan(clip, inversion, target_prompt, edit_type, reweight, aligner, sour
     source = " ".join(inversion.metadata["source_prompt"].split())
     target = source if edit_type == "reconstruct" else " ".join(target_prompt.split())
     tokens, steps = Tokens(clip), inversion.metadata["steps"]
-    context = torch.cat([inversion.source_embedding, encode_prompt(clip, target, "target_prompt").cpu()])
-    if context.shape[-1] != inversion.source_embedding.shape[-1]:
-        raise ValueError("target_prompt's embedding width differs from the inversion's: use the same checkpoint's CLIP")
+    encoded = encode_prompt(clip, target, "target_prompt").cpu()
+    if encoded.shape[-1] != inversion.source_embedding.shape[-1]:
+        raise ValueError(f"target_prompt's embedding is {encoded.shape[-1]} wide, the inversion's "
+                         f"{inversion.source_embedding.shape[-1]}: use the CLIP of the checkpoint it was inverted with")
+    context = torch.cat([inversion.source_embedding, encoded])
     cross = None
     if edit_type == "replace":
         cross = CrossEdit("replace", replacement_mapper(source, target, tokens.encode, tokens.decode, aligner))

@@ -108,3 +108,13 @@ def test_empty_taus_take_the_inversion_kinds_defaults(scene, inversions):
         default, _, _ = edit(scene, inversions[kind], **empty)
         given, _, _ = edit(scene, inversions[kind], **dict(zip(empty, taus)))
         assert torch.equal(default["samples"], given["samples"])
+
+
+def test_a_clip_of_another_width_is_named(scene, inversions):
+    from tiny_sd15 import tiny_clip
+
+    with torch.inference_mode():
+        wide = tiny_clip(width=48)
+    with pytest.raises(ValueError, match="target_prompt's embedding is 48 wide, the inversion's 32"):
+        run_node("ForgeditP2PEdit", model=scene["model"], clip=wide, vae=scene["vae"], inversion=inversions["ddim"],
+                 **EDIT)
