@@ -128,13 +128,11 @@ class ForgeditP2PEdit(io.ComfyNode):
                             "source will not reconstruct as closely", guidance, inversion.kind, inverted_for)
         guidance = guidance or inverted_for
         eps, abar, device = edit_eps(model, inversion, batch_mode, cls.hidden.unique_id, len(combos))
-        latents = []
-        for taus in combos:
-            z = p2p_sample(eps.call, inversion.x_T.to(device), plan.context.to(device), eps.uncond, abar,
-                           plan.steps, guidance, plan.step_state(*taus), plan.local_blend, eps.tick)
-            latents.append(z.float().cpu())
-        z = torch.cat(latents)
-        images = vae.decode(model.model.process_latent_out(z))
+        x_T, context = inversion.x_T.to(device), plan.context.to(device)
+        latents = [p2p_sample(eps.call, x_T, context, eps.uncond, abar, plan.steps, guidance, plan.step_state(*taus),
+                              plan.local_blend, eps.tick).float().cpu() for taus in combos]
+        samples = model.model.process_latent_out(torch.cat(latents))
+        images = vae.decode(samples)
         labels = [", ".join(f"{n[4:]} {t:g}" for n, t in zip(TAUS, taus)) for taus in combos] if len(combos) > 1 else [""]
         grid = labelled_grid(images, len(combos), 2, labels, ["source", "edit"])
-        return io.NodeOutput({"samples": model.model.process_latent_out(z)}, images, grid)
+        return io.NodeOutput({"samples": samples}, images, grid)
