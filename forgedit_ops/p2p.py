@@ -217,7 +217,7 @@ def blend_weights(prompt: str, words: Sequence[Union[str, int]], encode: Encode,
     return w
 
 
-def _map_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+def map_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """The (h', w') of an attention map with n queries at latent size (h, w): each UNet level halves with ceil
     (stride-2 conv, padding 1)."""
     h, w = latent_hw
@@ -239,7 +239,7 @@ def local_blend_mask(store: Sequence[torch.Tensor], word_weights: torch.Tensor, 
     n = store[0].shape[2]
     if any(m.shape[2] != n or m.shape[0] != store[0].shape[0] for m in store):
         raise ValueError(f"local blend maps must share batch and query counts, got {[tuple(m.shape) for m in store]}")
-    h, w = _map_grid(n, latent_hw)
+    h, w = map_grid(n, latent_hw)
     maps = torch.cat([m.float() for m in store], dim=1)  # (B, layers·heads, h'w', 77)
     weights = word_weights.to(maps)[:, None, None, :]
     maps = (maps * weights).sum(-1).mean(1).reshape(-1, 1, h, w)

@@ -11,10 +11,10 @@ from ..forgedit_ops.result import fingerprint
 from ..forgedit_ops.stylediffusion import init_mapping, inner_steps, invert_with_maps, train_mappings
 from .common import CATEGORY, check_widgets, queue_check, unet_fingerprint
 from .inversion_run import (CROPS, Source, cached_inversion, copy_attend, decoded, eps_of, frozen_attend,
-                            inversion_precision, inversion_result, prepare_source, progress, source_features)
+                            inversion_precision, inversion_result, prepare_source, source_features)
 from .storage import disk_cache_input
-from .training_inputs import DESCRIBE_SOURCE, photo_inputs, precision_input, seed_input, size_inputs
-from .training import declared_settings, training_copy
+from .training_inputs import DESCRIBE_SOURCE, check_size, photo_inputs, precision_input, seed_input, size_inputs
+from .training import declared_settings, progress, training_copy
 from .v3 import io
 
 Inversion = io.Custom("P2P_INVERSION")
@@ -41,8 +41,7 @@ def inversion_inputs(steps: int, paper: str) -> list:
 def validate_inversion(cls, width=None, height=None, steps=None, source_prompt=None, crop=None, precision=None):
     def check():
         check_widgets(cls, dict(width=width, height=height, steps=steps, crop=crop, precision=precision))
-        if width is not None and height is not None and (width % 8 or height % 8):
-            raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+        check_size(width, height)
         if source_prompt is not None and not source_prompt.strip():
             raise ValueError(f"source_prompt is empty: {DESCRIBE_SOURCE}")
     return queue_check(check)

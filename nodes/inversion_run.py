@@ -5,8 +5,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import comfy.model_management
-import comfy.utils
 import torch
 
 from ..forgedit_ops.ddim import inversion_timesteps
@@ -88,17 +86,6 @@ def frozen_attend(model):
 def eps_of(attend) -> Callable:
     """eps(z, t, c) without attention control, for the forgedit_ops loops that need only ε."""
     return lambda z, t, c: attend(z, t, c)[0]
-
-
-def progress(total: int, node_id) -> Callable:
-    """A ProgressBar tick that Cancel interrupts."""
-    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
-
-    def tick(*_):
-        pbar.update(1)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-    return tick
 
 
 def inversion_result(kind: str, source: Source, x_T, base: str, settings: dict, started: float, **fields) -> P2PInversion:

@@ -12,9 +12,9 @@ from ..forgedit_ops.storage import DTYPES
 from ..forgedit_ops.stylediffusion_import import read_official_mappings
 from .common import check_widgets, queue_check, unet_fingerprint
 from .inversion import INVERSION_CATEGORY, Inversion, inversion_inputs, validate_inversion
-from .inversion_run import eps_of, frozen_attend, inversion_result, prepare_source, progress, source_features
+from .inversion_run import eps_of, frozen_attend, inversion_result, prepare_source, source_features
 from .storage import PACK_VERSION, ignore_base_input, save_path
-from .training import declared_settings
+from .training import declared_settings, progress
 from .v3 import io, ui
 
 FOLDER = "stylediffusion"

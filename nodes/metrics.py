@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..forgedit_ops.lpips import MODES, SIZE, ns_lpips
+from ..forgedit_ops.p2p import map_grid
 from ..forgedit_ops.stylediffusion import invert_with_maps
 from .common import CATEGORY, check_widgets, queue_check
-from .inversion_run import frozen_attend, prepare_source, progress
+from .inversion_run import frozen_attend, prepare_source
+from .training import progress
+from .training_inputs import check_size
 from .v3 import io, ui
 
 FOLDER = "lpips"
@@ -139,12 +142,6 @@ def prompt_ids(clip, text: str) -> list[int]:
     return ids[1:ids.index(clip.tokenizer.clip_l.end_token, 1)]
 
 
-def level_shape(height: int, width: int) -> tuple[int, int]:
-    """The size of the 1/32 level (input blocks 7, 8, output blocks 3-5): the latent halved twice, rounding up."""
-    half = lambda n: -(-n // 2)
-    return half(half(height // 8)), half(half(width // 8))
-
-
 def word_map(maps: list, columns: list[int], shape: tuple[int, int], paper: bool) -> torch.Tensor:
     """storemask's map: the cond cross maps averaged over steps, layers and heads, the word's columns averaged, (h, w).
     paper: heads 4-7 of SD1's 8 only (its controller keeps attn[h // 2:], meant for an [uncond, cond] batch of 2)."""
@@ -202,8 +199,7 @@ class ForgeditWordMask(io.ComfyNode):
     def validate_inputs(cls, mode=None, width=None, height=None, steps=None, prompt=None, word=None):
         def check():
             check_widgets(cls, dict(mode=mode, width=width, height=height, steps=steps))
-            if width is not None and height is not None and (width % 8 or height % 8):
-                raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+            check_size(width, height)
             for name, text in (("prompt", prompt), ("word", word)):
                 if text is not None and not text.strip():
                     raise ValueError(f"{name} is empty")
@@ -220,6 +216,7 @@ class ForgeditWordMask(io.ComfyNode):
         if not maps[0]:
             raise ValueError("this UNet has no cross-attention at input blocks 7, 8 or output blocks 3-5 (the maps "
                              "storemask.py averages)")
-        m = word_map(maps[:-1], columns, level_shape(height, width), mode == "paper")
+        shape = map_grid(maps[0][0].shape[-2], source.z0.shape[-2:])
+        m = word_map(maps[:-1], columns, shape, mode == "paper")
         masks = paper_masks(m) if mode == "paper" else plain_masks(m, height, width)
         return io.NodeOutput(*masks)

@@ -38,6 +38,17 @@ class TrainingCopy:
     base: torch.nn.Module
 
 
+def progress(total: int, node_id) -> Callable:
+    """A ProgressBar tick that Cancel interrupts."""
+    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def tick(*_):
+        pbar.update(1)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return tick
+
+
 @contextlib.contextmanager
 def training_copy(model, trains: Callable[[str], bool], cfg: FinetuneConfig, steps: int, node_id=None,
                   callback: Optional[Callable[[int, float], None]] = None):
@@ -47,11 +58,10 @@ def training_copy(model, trains: Callable[[str], bool], cfg: FinetuneConfig, ste
     patcher = materialized(model)
     unet, device = patcher.model.diffusion_model, patcher.load_device
     options = sdpa_transformer_options(patcher)
-    pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+    advance = progress(steps, node_id)
 
     def tick(step, loss):
-        pbar.update(1)
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        advance()
         if callback is not None:
             callback(step, loss)
 

@@ -41,14 +41,18 @@ def seed_input(tooltip: str):
 QUEUE_CHECKED = ("width", "height", "samples", "batch_size", "source_prompt", "target_prompt", "recipe", "precision")
 
 
+def check_size(width, height) -> None:
+    """A size the VAE encodes exactly: multiples of 8 (None: linked, checked when the node runs)."""
+    if width is not None and height is not None and (width % 8 or height % 8):
+        raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+
+
 def check_training_settings(node_cls, values: dict, prompts: dict[str, str]) -> None:
     """The queue-time checks of every fine-tune (a value is None while it comes from a link): ranges and options, a
     size the VAE can encode, samples that make at least one step, and a non-empty prompt for each of `prompts`
     (input name → hint)."""
     check_widgets(node_cls, {k: values.get(k) for k in QUEUE_CHECKED})
-    width, height = values.get("width"), values.get("height")
-    if width is not None and height is not None and (width % 8 or height % 8):
-        raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+    check_size(values.get("width"), values.get("height"))
     samples, batch = values.get("samples"), values.get("batch_size")
     if samples is not None and batch is not None and samples < batch:
         raise ValueError(f"samples ({samples}) must be at least batch_size ({batch}): one step trains batch_size samples")
