@@ -26,6 +26,7 @@ class FinetuneConfig:
     fused_step: bool = False
     moments: str = "fp32"
     checkpointing: bool = False
+    prediction: str = "eps"
 
     @property
     def iterations(self) -> int:
@@ -101,17 +102,23 @@ def q_sample(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> tor
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
+def velocity(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target v = √ᾱ_t·ε − √(1 − ᾱ_t)·z0 (Salimans & Ho 2022, §4; SD 2.x 768-v)."""
+    a = abar_t.view(-1, *([1] * (noise.dim() - 1)))
+    return a.sqrt() * noise - (1 - a).sqrt() * z0
+
+
 def early_stop(cfg: FinetuneConfig, step: int, loss: float) -> bool:
     """The reference's stop, checked before the batch is applied: loss below 0.03 once past 350 samples."""
     return cfg.early_stop and step * cfg.batch_size > cfg.early_stop_after and loss < cfg.early_stop_loss
 
 
-def denoising_loop(eps_model: Callable, groups: list[dict], context: Callable[[], torch.Tensor], z0: torch.Tensor,
+def denoising_loop(unet: Callable, groups: list[dict], context: Callable[[], torch.Tensor], z0: torch.Tensor,
                    alphas_cumprod: torch.Tensor, cfg: FinetuneConfig, iterations: int, generator: torch.Generator,
                    callback: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Forgedit §3 / Imagic §3 loop: one Adam over `groups`; each step B copies of the one latent z0 with their own noise
-    and timestep, conditioned on context() (1, 77, C), ε-MSE loss. Returns the loss per applied step (an fp16 step whose
-    gradients overflow is skipped). Micro-batches accumulate the same gradient as the whole batch; compute runs under
+    and timestep, conditioned on context() (1, 77, C); MSE of unet(x_t, t, c) to ε, or to v for a v-prediction model
+    (cfg.prediction). Returns the loss per applied step (an fp16 step whose gradients overflow is skipped). Micro-batches accumulate the same gradient as the whole batch; compute runs under
     autocast in cfg.precision."""
     device = z0.device
     micro = cfg.micro_batch or cfg.batch_size
@@ -126,12 +133,13 @@ def denoising_loop(eps_model: Callable, groups: list[dict], context: Callable[[]
             noise, t = draw_noise_and_timesteps(generator, cfg.batch_size, z0.shape[1:], len(abar))
             noise, t = noise.to(device), t.to(device)
             x_t = q_sample(z0, noise, abar[t])
+            target = noise if cfg.prediction == "eps" else velocity(z0, noise, abar[t])
             opt.zero_grad()
             loss = 0.0
             for i in range(0, cfg.batch_size, micro):
                 with autocast:
-                    eps = eps_model(x_t[i:i + micro], t[i:i + micro], context().expand(len(t[i:i + micro]), -1, -1))
-                part = F.mse_loss(eps.float(), noise[i:i + micro], reduction="sum") / noise.numel()
+                    out = unet(x_t[i:i + micro], t[i:i + micro], context().expand(len(t[i:i + micro]), -1, -1))
+                part = F.mse_loss(out.float(), target[i:i + micro], reduction="sum") / noise.numel()
                 loss += part.item()
                 if i + micro >= cfg.batch_size and early_stop(cfg, step, loss):
                     return losses
@@ -143,19 +151,19 @@ def denoising_loop(eps_model: Callable, groups: list[dict], context: Callable[[]
     return losses
 
 
-def joint_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_src: torch.Tensor, z0: torch.Tensor,
+def joint_finetune(unet: Callable, params: dict[str, nn.Parameter], e_src: torch.Tensor, z0: torch.Tensor,
                    alphas_cumprod: torch.Tensor, cfg: FinetuneConfig,
                    callback: Optional[Callable[[int, float], None]] = None) -> tuple[torch.Tensor, list[float]]:
     """Forgedit §3: one Adam, UNet subset at unet_lr and e_src at text_lr. Returns the optimised embedding and the loss
     per applied step."""
     e_opt = nn.Parameter(e_src.detach().to(z0.device, torch.float32, copy=True))
     groups = [{"params": list(params.values()), "lr": cfg.unet_lr}, {"params": [e_opt], "lr": cfg.text_lr}]
-    losses = denoising_loop(eps_model, groups, lambda: e_opt, z0, alphas_cumprod, cfg, cfg.iterations,
+    losses = denoising_loop(unet, groups, lambda: e_opt, z0, alphas_cumprod, cfg, cfg.iterations,
                             torch.Generator().manual_seed(cfg.seed), callback)
     return e_opt.detach(), losses
 
 
-def sequential_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_init: torch.Tensor, z0: torch.Tensor,
+def sequential_finetune(unet: Callable, params: dict[str, nn.Parameter], e_init: torch.Tensor, z0: torch.Tensor,
                         alphas_cumprod: torch.Tensor, cfg: FinetuneConfig, text_steps: int, unet_steps: int,
                         callback: Optional[Callable[[int, float], None]] = None):
     """Imagic §3.1: stage 1 optimises e (from e_init) at text_lr with the UNet frozen (no UNet gradients), stage 2
@@ -164,25 +172,25 @@ def sequential_finetune(eps_model: Callable, params: dict[str, nn.Parameter], e_
     generator = torch.Generator().manual_seed(cfg.seed)
     for p in params.values():
         p.requires_grad_(False)
-    text_losses = denoising_loop(eps_model, [{"params": [e_opt], "lr": cfg.text_lr}], lambda: e_opt, z0,
+    text_losses = denoising_loop(unet, [{"params": [e_opt], "lr": cfg.text_lr}], lambda: e_opt, z0,
                                  alphas_cumprod, cfg, text_steps, generator, callback)
     e_opt.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    unet_losses = denoising_loop(eps_model, [{"params": list(params.values()), "lr": cfg.unet_lr}], lambda: e_opt, z0,
+    unet_losses = denoising_loop(unet, [{"params": list(params.values()), "lr": cfg.unet_lr}], lambda: e_opt, z0,
                                  alphas_cumprod, cfg, unet_steps, generator,
                                  callback and (lambda step, loss: callback(text_steps + step, loss)))
     return e_opt.detach(), text_losses, unet_losses
 
 
-def dreambooth_finetune(eps_model: Callable, unet_params: dict[str, nn.Parameter], text_encoder: Callable[[], torch.Tensor],
+def dreambooth_finetune(unet: Callable, unet_params: dict[str, nn.Parameter], text_encoder: Callable[[], torch.Tensor],
                         text_params: dict[str, nn.Parameter], z0: torch.Tensor, alphas_cumprod: torch.Tensor,
                         cfg: FinetuneConfig, callback: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Forgedit §7 (DreamBooth+Forgedit): UNet at unet_lr and text encoder at text_lr in one Adam, the source caption
     re-encoded by the trained encoder (`text_encoder()`) every step. Returns the loss per step."""
     groups = [{"params": list(unet_params.values()), "lr": cfg.unet_lr},
               {"params": list(text_params.values()), "lr": cfg.text_lr}]
-    return denoising_loop(eps_model, groups, text_encoder, z0, alphas_cumprod, cfg, cfg.iterations,
+    return denoising_loop(unet, groups, text_encoder, z0, alphas_cumprod, cfg, cfg.iterations,
                           torch.Generator().manual_seed(cfg.seed), callback)
 
 

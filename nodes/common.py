@@ -22,18 +22,39 @@ def sdpa_on_cpu(model):
     return with_sdpa(model)
 
 
-def require_sd1_eps(model) -> None:
-    """Forgedit as published fine-tunes SD1.x ε-prediction UNets; anything else gets an actionable error."""
+# The checkpoint families Forgedit fine-tunes, by ComfyUI's exact model config class: a subclass (SD 2 unCLIP, Lotus,
+# instruct-pix2pix, the x4 upscaler) conditions its UNet on more than a latent and a text.
+FAMILIES = {comfy.supported_models.SD15: "SD 1.x", comfy.supported_models.SD20: "SD 2.x"}
+PREDICTIONS = {comfy.model_sampling.EPS.calculate_denoised: "eps", comfy.model_sampling.V_PREDICTION.calculate_denoised: "v"}
+
+
+def prediction_type(model) -> str:
+    """What the UNet of an SD 1.x / 2.x MODEL predicts, "eps" or "v" (Salimans & Ho 2022, §4), as its sampling says;
+    any other family or sampling gets an actionable error."""
     config = model.model.model_config
-    if not isinstance(config, comfy.supported_models.SD15) or config.unet_config.get("in_channels") != 4:
-        raise ValueError(f"Forgedit needs an SD1.x checkpoint (SD 1.4/1.5 or a fine-tune of it); this MODEL is "
-                         f"{type(config).__name__}. Load an SD1.x checkpoint with Load Checkpoint.")
+    if type(config) not in FAMILIES or config.unet_config.get("in_channels") != 4:
+        raise ValueError(f"Forgedit fine-tunes SD 1.x and SD 2.x text-to-image checkpoints (SD 1.4/1.5, SD 2.0/2.1 512 "
+                         f"and 768-v, and fine-tunes of them); this MODEL is {type(config).__name__}, which is not one "
+                         "(SDXL, SD 2 unCLIP, inpainting and other models are not supported). Load one with Load "
+                         "Checkpoint.")
     sampling = model.get_model_object("model_sampling")
-    eps = comfy.model_sampling.EPS.calculate_denoised
-    if type(sampling).calculate_denoised is not eps or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        raise ValueError("Forgedit needs an ε-prediction model with the discrete SD1.x schedule; this MODEL predicts "
-                         f"{type(sampling).__name__} (v-prediction or a patched sampling). Remove ModelSamplingDiscrete "
-                         "or use an ε-prediction SD1.x checkpoint.")
+    prediction = PREDICTIONS.get(type(sampling).calculate_denoised)
+    if prediction is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError("Forgedit needs an ε- or v-prediction model with a discrete schedule; this MODEL samples with "
+                         f"{type(sampling).__name__} (a patched sampling: LCM, x0, EDM or continuous). Remove the "
+                         "ModelSampling node, or set it to eps or v_prediction.")
+    return prediction
+
+
+def require_sd1_eps(model) -> None:
+    """The inversions and P2P edit SD 1.x ε-prediction UNets (StyleDiffusion and null-text inversion use SD 1.4/1.5)."""
+    config, sampling = model.model.model_config, model.get_model_object("model_sampling")
+    if (type(config) is not comfy.supported_models.SD15 or config.unet_config.get("in_channels") != 4
+            or PREDICTIONS.get(type(sampling).calculate_denoised) != "eps"
+            or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)):
+        raise ValueError("the inversions and P2P / P2Plus editing run on SD 1.x ε-prediction checkpoints (the papers' "
+                         f"SD 1.4 / 1.5); this MODEL is {type(config).__name__} sampled by {type(sampling).__name__}. "
+                         "Load an SD 1.x checkpoint with Load Checkpoint, with no ModelSampling node after it.")
 
 
 def require_one_image(image) -> None:
@@ -61,7 +82,7 @@ def target_embedding(conditioning, result: ForgeditResult, name: str = "target")
         raise ValueError(f"{name} must be one prompt from CLIP Text Encode, not a combined or batched conditioning")
     if e.shape[-1] != e_src.shape[-1]:
         raise ValueError(f"{name} embedding width {e.shape[-1]} does not match the fine-tuned result ({e_src.shape[-1]}): "
-                         f"encode the {name} prompt with the CLIP of the same SD1.x checkpoint")
+                         f"encode the {name} prompt with the CLIP of the same checkpoint")
     if e.shape[1] != e_src.shape[1]:
         raise ValueError(f"{name} prompt is longer than one 77-token window ({e.shape[1]} tokens of embedding); "
                          f"Forgedit interpolates per token, so shorten the {name} prompt to at most 75 tokens")

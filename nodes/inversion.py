@@ -27,8 +27,8 @@ def inversion_inputs(steps: int, paper: str) -> list:
     return [
         *photo_inputs("encodes the source prompt and the empty prompt.",
                       "a caption (Forgedit Caption) or a few words; StyleDiffusion works from a single word. At most "
-                      "75 tokens, no weight syntax."),
-        *size_inputs("references: 512"),
+                      "75 tokens, no weight syntax.", "An SD1.x ε-prediction MODEL (Load Checkpoint)."),
+        *size_inputs("references: 512", ""),
         io.Combo.Input("crop", options=list(CROPS), default="center (reference)",
                        tooltip="center: the largest centred region of the width:height aspect, then resized (the "
                                "references' square crop at 512x512). stretch: the whole image resized to width x height."),

@@ -66,7 +66,7 @@ def inversion_precision(model, precision: str, width: int, height: int) -> Finet
 
 def copy_attend(run: TrainingCopy, cfg: FinetuneConfig):
     """attend() over a training copy: gradients reach what the caller optimises (γ, β, ∅), not the UNet."""
-    return make_attend(run.eps, run.options, cfg.compute_dtype, run.device)
+    return make_attend(run.unet, run.options, cfg.compute_dtype, run.device)
 
 
 def compute_dtype(patcher) -> torch.dtype:

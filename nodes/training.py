@@ -17,7 +17,7 @@ from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.precision import RunSize, choose_options
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
-from .common import encode_prompt, require_one_image, require_sd1_eps, unet_fingerprint
+from .common import encode_prompt, prediction_type, require_one_image, unet_fingerprint
 from .host import RUNTIME_HANDLES, free_memory, low_precision, materialized, sdpa_transformer_options
 from .storage import cached_or_trained
 from .text_encoder import trainable_text_encoder
@@ -26,10 +26,10 @@ from .training_inputs import WIDGETS
 
 @dataclass
 class TrainingCopy:
-    """A trainable copy of the MODEL's UNet: eps(x, t, c[, transformer_options]), the transformer_options it runs
-    with by default, its fp32 master parameters, ᾱ, the device, the per-step tick (progress, Cancel) and the loaded
+    """A trainable copy of the MODEL's UNet: unet(x, t, c[, transformer_options]) (its raw output, ε or v), the
+    transformer_options it runs with by default, its fp32 master parameters, ᾱ, the device, the per-step tick (progress, Cancel) and the loaded
     base UNet the deltas are taken against."""
-    eps: Callable
+    unet: Callable
     options: dict
     params: dict
     abar: torch.Tensor
@@ -75,7 +75,7 @@ def training_copy(model, trains: Callable[[str], bool], cfg: FinetuneConfig, ste
             yield TrainingCopy(lambda x, t, c, to=options: student(x, t, c, transformer_options=to), options, params,
                                alphas_cumprod(model.get_model_object("model_sampling").sigmas), device, tick, unet)
     finally:
-        student = None  # the eps closure's reference: frees the copy even while the caller still holds the TrainingCopy
+        student = None  # the unet closure's reference: frees the copy even while the caller still holds the TrainingCopy
         params.clear()
         comfy.model_management.soft_empty_cache()
 
@@ -103,13 +103,13 @@ class Trained:
 
 
 def train_joint(job: Job, run: TrainingCopy) -> Trained:
-    e_opt, losses = joint_finetune(run.eps, run.params, job.e_init, job.z0.to(run.device), run.abar, job.cfg, run.tick)
+    e_opt, losses = joint_finetune(run.unet, run.params, job.e_init, job.z0.to(run.device), run.abar, job.cfg, run.tick)
     return Trained(e_opt.cpu(), losses)
 
 
 def train_sequential(job: Job, run: TrainingCopy) -> Trained:
     e_opt, text_losses, unet_losses = sequential_finetune(
-        run.eps, run.params, job.e_init, job.z0.to(run.device), run.abar, job.cfg, job.settings["text_steps"],
+        run.unet, run.params, job.e_init, job.z0.to(run.device), run.abar, job.cfg, job.settings["text_steps"],
         job.settings["unet_steps"], run.tick)
     return Trained(e_opt.cpu(), unet_losses, metadata={"text_losses": text_losses})
 
@@ -118,7 +118,7 @@ def train_dreambooth(job: Job, run: TrainingCopy) -> Trained:
     clip, prompt = job.clip, job.settings["source_prompt"]
     source, empty = clip.tokenize(prompt), clip.tokenize("")
     with trainable_text_encoder(clip, run.device) as (encoder, text_params, deltas):
-        losses = dreambooth_finetune(run.eps, run.params, lambda: encoder.encode_token_weights(source)[0].to(run.device),
+        losses = dreambooth_finetune(run.unet, run.params, lambda: encoder.encode_token_weights(source)[0].to(run.device),
                                      text_params, job.z0.to(run.device), run.abar, job.cfg, run.tick)
         with torch.no_grad():
             e_src, uncond = (encoder.encode_token_weights(tokens)[0].float().cpu() for tokens in (source, empty))
@@ -167,13 +167,15 @@ def training_options(precision: str, model, size: RunSize) -> dict:
     return choose_options(precision, low_precision(device), size, free_memory(model, device))
 
 
-def require_trainable(model, method: Method) -> None:
-    """An SD1.x ε model whose UNet has every block the method trains (a one-level UNet would train nothing)."""
-    require_sd1_eps(model)
+def require_trainable(model, method: Method) -> str:
+    """An SD 1.x / 2.x model whose UNet has every block the method trains (a one-level UNet would train nothing); what
+    it predicts ("eps" or "v")."""
+    prediction = prediction_type(model)
     missing = missing_blocks(k for k, _ in model.model.diffusion_model.named_parameters())
     if missing and method.trains is is_trained:
-        raise ValueError(f"this SD1.x UNet lacks {', '.join(missing)}, which {method.name} fine-tunes (Forgedit §3: "
-                         "encoder and decoder blocks 1-3 of the SD1.5 layout): use a full SD 1.4/1.5 checkpoint")
+        raise ValueError(f"this UNet lacks {', '.join(missing)}, which {method.name} fine-tunes (Forgedit §3: encoder "
+                         "and decoder blocks 1-3 of the SD 1.x / 2.x layout): use a full SD 1.x or 2.x checkpoint")
+    return prediction
 
 
 def training_latent(model, vae, image, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +196,11 @@ def train_method(method: Method, job: Job, model, steps: int, node_id=None, call
 def fine_tune(method: Method, model, clip, vae, image, settings: dict, cfg_fields: dict, steps: int, node_id=None,
               disk_cache: bool = False) -> ForgeditResult:
     """Train `method` on one image and return its result; with disk_cache, reuse a stored result of the same inputs."""
-    require_trainable(model, method)
+    prediction = require_trainable(model, method)
     require_one_image(image)
     width, height = settings["width"], settings["height"]
     size = run_size(model, method, cfg_fields.get("batch_size", 1), width, height)
-    cfg = FinetuneConfig(**cfg_fields, **training_options(settings["precision"], model, size))
+    cfg = FinetuneConfig(**cfg_fields, **training_options(settings["precision"], model, size), prediction=prediction)
     e_init = encode_prompt(clip, settings[f"{method.init}_prompt"], f"{method.init}_prompt")
     uncond = encode_prompt(clip, "", "negative")
     image, z0 = training_latent(model, vae, image, width, height)
@@ -209,8 +211,8 @@ def fine_tune(method: Method, model, clip, vae, image, settings: dict, cfg_field
         seconds = time.perf_counter() - start
         logging.info("Forgedit %s: %d steps in %.1f s (%s)", method.name, len(trained.losses), seconds, cfg.precision)
         metadata = {"method": method.name, "base_fingerprint": base, **settings, "precision": cfg.precision,
-                    "steps": len(trained.losses), "losses": trained.losses, "seconds": round(seconds, 2),
-                    **trained.metadata}
+                    "prediction": prediction, "steps": len(trained.losses), "losses": trained.losses,
+                    "seconds": round(seconds, 2), **trained.metadata}
         uncond_out = uncond.cpu() if trained.uncond is None else trained.uncond
         return ForgeditResult(deltas, trained.embedding, uncond_out, metadata, trained.text_deltas)
 

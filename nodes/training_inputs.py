@@ -6,10 +6,13 @@ from .v3 import io
 WIDGETS = (io.Int.Input, io.Float.Input, io.String.Input, io.Boolean.Input, io.Combo.Input)
 
 
-def photo_inputs(clip_use: str, source_use: str) -> list:
+FINETUNED_MODELS = "An SD 1.x or SD 2.x MODEL, ε- or v-prediction (Load Checkpoint); the loss follows what it predicts."
+
+
+def photo_inputs(clip_use: str, source_use: str, models: str = FINETUNED_MODELS) -> list:
     """The inputs every per-image fine-tune starts with, in this order (workflows store widget values by position)."""
     return [
-        io.Model.Input("model", tooltip="An SD1.x ε-prediction MODEL (Load Checkpoint). It is never modified."),
+        io.Model.Input("model", tooltip=f"{models} It is never modified."),
         io.Clip.Input("clip", tooltip=f"The CLIP of the same checkpoint; {clip_use}"),
         io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image into the training latent."),
         io.Image.Input("image", tooltip="The one photo to edit (a batch of 1)."),
@@ -17,9 +20,10 @@ def photo_inputs(clip_use: str, source_use: str) -> list:
     ]
 
 
-def size_inputs(paper: str) -> list:
+def size_inputs(paper: str, models: str = " SD 2.x 768-v models: 768.") -> list:
     return [io.Int.Input("width", default=512, min=64, max=2048, step=8,
-                         tooltip=f"Training and editing width; the image is stretched to it ({paper}). Multiple of 8."),
+                         tooltip=f"Training and editing width; the image is stretched to it ({paper}).{models} Multiple "
+                                 "of 8."),
             io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Training and editing height. Multiple of 8.")]
 
 
