@@ -2,6 +2,7 @@
 import contextlib
 import functools
 import inspect
+import re
 
 import comfy.clip_model
 import torch
@@ -41,13 +42,36 @@ def differentiable(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return text_encoder
 
 
+def read_layer(encoder) -> int:
+    """The last transformer layer whose output the text encoder's embedding reads (SD 2.x: the penultimate)."""
+    tower = getattr(encoder, encoder.clip)
+    if tower.layer != "hidden":
+        return tower.num_layers - 1
+    return tower.layer_idx % tower.num_layers
+
+
+def freeze_unread_layers(encoder, params: dict) -> None:
+    """Layers after the one read get no gradient: they stay frozen and out of the deltas (diffusers' SD 2.x text
+    encoder drops its last layer outright)."""
+    last = read_layer(encoder)
+    for key in list(params):
+        layer = re.search(r"\.layers\.(\d+)\.", key)
+        if layer and int(layer[1]) > last:
+            params.pop(key).requires_grad_(False)
+
+
 @contextlib.contextmanager
 def trainable_text_encoder(clip, device):
-    """A differentiable fp32 copy of the CLIP's text encoder (with its patches) on `device`, its trained parameters and
-    a function returning their deltas (in place: call it last). The CLIP is never modified."""
+    """A differentiable fp32 copy of the CLIP's text encoder (with its patches) on `device` that reads the layer the
+    CLIP encodes with (CLIPSetLastLayer; SD 2.x: the penultimate), its trained parameters and a function returning their
+    deltas (in place: call it last). The CLIP is never modified."""
     patcher = materialized(clip.patcher)
     encoder, params = trainable_copy(patcher.model, in_text_model, device, drop=RUNTIME_HANDLES)
+    encoder.reset_clip_options()
+    if clip.layer_idx is not None:
+        encoder.set_clip_options({"layer": clip.layer_idx})
     encoder.set_clip_options({"execution_device": device})
+    freeze_unread_layers(encoder, params)
     try:
         yield differentiable(encoder), params, lambda: deltas_in_place(params, patcher.model)
     finally:
