@@ -39,7 +39,7 @@ def comfy_model(size: str, unet_d, dtype: torch.dtype = torch.float32):
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
-    from tiny_sd15 import sd15_unet_config
+    from tiny_models import sd15_unet_config
 
     channels, context = SIZES[size]
     config = comfy.supported_models.SD15(sd15_unet_config(channels[0], context) | {"channel_mult": [c // channels[0] for c in channels]})

@@ -25,7 +25,7 @@ def text_encoder(size: str):
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
-    from tiny_sd15 import init_weights, tiny_clip
+    from tiny_models import init_weights, tiny_clip
 
     if size == "tiny":
         return tiny_clip(SIZES[size][1])

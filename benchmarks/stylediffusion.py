@@ -71,7 +71,7 @@ def setup(args, device, dtype: torch.dtype) -> SimpleNamespace:
     import conftest
 
     import comfy.model_management
-    from tiny_sd15 import init_weights
+    from tiny_models import init_weights
 
     pack = conftest._PACK
     model, _ = comfy_model(args.layout, diffusers_unet(args.layout), dtype)

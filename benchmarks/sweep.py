@@ -85,7 +85,7 @@ def reference_images(learned, orig, vae, e_src, e_tgt, uncond, res: int, steps: 
 def run_reference(args, device):
     """Child: build orig + learned UNets, then time the reference's 12-image sweep."""
     import torch
-    from tiny_sd15 import tiny_vae
+    from tiny_models import tiny_vae
 
     orig = diffusers_unet(args.size).to(device)
     learned = copy.deepcopy(orig)
@@ -107,7 +107,7 @@ def run_ours(args, device):
     """Child: build the ComfyUI MODEL and a ForgeditResult, then time Forgedit Forget + Forgedit Sampler."""
     import torch
     from conftest import _PACK as pack, run_node
-    from tiny_sd15 import tiny_vae
+    from tiny_models import tiny_vae
 
     unet_d = diffusers_unet(args.size)
     model, to_ldm = comfy_model(args.size, unet_d)

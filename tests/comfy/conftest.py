@@ -64,17 +64,32 @@ def hidden_inputs(values: dict) -> dict:
     return {"hidden_inputs": values} if hasattr(HiddenHolder, "from_v3_data") else values
 
 
-@pytest.fixture(scope="session")
-def tiny(comfy):
-    """Tiny SD1.5-layout MODEL / CLIP / VAE, built under inference mode like a loader node inside a prompt."""
+def tiny_objects(model, clip) -> dict:
+    """MODEL / CLIP / VAE built under inference mode like a loader node inside a prompt, the image, the base weights."""
     import torch
-    from tiny_sd15 import sample_image, tiny_clip, tiny_model, tiny_vae
+    from tiny_models import sample_image, tiny_vae
 
     with torch.inference_mode():
-        objects = {"model": tiny_model(), "clip": tiny_clip(), "vae": tiny_vae()}
+        objects = {"model": model(), "clip": clip(), "vae": tiny_vae()}
     objects["image"] = sample_image()
     objects["base"] = {k: v.clone() for k, v in objects["model"].model.diffusion_model.state_dict().items()}
     return objects
+
+
+@pytest.fixture(scope="session")
+def tiny(comfy):
+    """Tiny SD1.5-layout ε MODEL, CLIP-L-layout CLIP and VAE."""
+    from tiny_models import tiny_clip, tiny_model
+
+    return tiny_objects(tiny_model, tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def tiny_v(comfy):
+    """Tiny SD 2.x-layout v-prediction MODEL, SD 2.x CLIP (OpenCLIP-H layout, read at the penultimate layer) and VAE."""
+    from tiny_models import tiny_sd2_clip, tiny_sd2_model
+
+    return tiny_objects(tiny_sd2_model, tiny_sd2_clip)
 
 
 FINETUNE = dict(source_prompt="a red disc on a blue gradient", width=64, height=64, samples=8, batch_size=4,

@@ -19,6 +19,7 @@ NAMES = ["forgedit_vanilla", "forgedit_reedit_saved", "forgedit_single_gamma_ksa
          "dreambooth_forgedit", "stylediffusion_edit", "nulltext_p2p", "stylediffusion_reedit_saved", "ns_lpips",
          "forgedit_score"]
 CHECKPOINT = "shallow_sd15.safetensors"
+SD2_CHECKPOINT = "shallow_sd2v.safetensors"
 CLIP_VISION = "tiny-vit-b16.safetensors"
 ALEXNET = "random-alexnet.safetensors"
 SCORE_CLIP = "tiny-clip-l14.safetensors"  # Forgedit Score's CLIP: text and image towers, both projections
@@ -130,6 +131,16 @@ def checkpoint(comfy, tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("checkpoints") / CHECKPOINT
     write_shallow_sd15(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd2_checkpoint(comfy, tmp_path_factory) -> Path:
+    """The random shallow SD 2.x v-prediction checkpoint file, written once (0.95 GB)."""
+    from checkpoint_file import write_shallow_sd2v
+
+    path = tmp_path_factory.mktemp("checkpoints") / SD2_CHECKPOINT
+    write_shallow_sd2v(path)
     return path
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_node
 from forgedit_ops.caption import source_prompt, to_pil
-from tiny_sd15 import sample_image
+from tiny_models import sample_image
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "red", "disc", "on",
          "blue", "the", "sitting", "window"]

@@ -11,7 +11,10 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
+import comfy.model_sampling
 import comfy.sd1_clip
+import comfy.supported_models
+import comfy.text_encoders.sd2_clip
 import comfy.utils
 import folder_paths
 import pytest
@@ -78,6 +81,27 @@ def test_the_attention_override_is_honoured():
     q = torch.randn(1, 4, 8)
     out = attention.optimized_attention(q, q, q, 2, transformer_options={"optimized_attention_override": override})
     assert calls and out.shape == q.shape
+
+
+def test_the_families_and_predictions_we_accept_are_where_we_read_them():
+    """nodes/common.py keys on the exact model config class and on the sampling's calculate_denoised."""
+    assert issubclass(comfy.supported_models.SD21UnclipH, comfy.supported_models.SD20)  # hence the exact-class check
+    for prediction in (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION):
+        assert "calculate_denoised" in vars(prediction)
+    assert comfy.supported_models.SD20.unet_extra_config["num_head_channels"] == 64
+
+
+def test_the_text_tower_states_the_layer_it_reads():
+    """DreamBooth-Forgedit reads which layer the embedding comes from (SD 2.x: the penultimate) off the tower."""
+    model = comfy.text_encoders.sd2_clip.SD2ClipModel(
+        model_options={"clip_h_model_config": {"hidden_size": 8, "intermediate_size": 8, "num_attention_heads": 2,
+                                               "num_hidden_layers": 3, "projection_dim": 8}})
+    tower = getattr(model, model.clip)
+    assert model.clip == "clip_h" and (tower.layer, tower.layer_idx, tower.num_layers) == ("hidden", -2, 3)
+    model.set_clip_options({"layer": -3})
+    assert (tower.layer, tower.layer_idx) == ("hidden", -3)
+    model.reset_clip_options()
+    assert (tower.layer, tower.layer_idx) == ("hidden", -2)
 
 
 def test_clip_options_ignore_what_they_do_not_know():

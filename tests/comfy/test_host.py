@@ -10,7 +10,7 @@ import torch
 from conftest import FINETUNE, run_node
 from test_dreambooth import DREAMBOOTH
 from test_imagic import IMAGIC
-from tiny_sd15 import tiny_clip, tiny_model
+from tiny_models import tiny_clip, tiny_model
 
 
 def with_runtime_handles(module: torch.nn.Module, garbage: bool = False) -> torch.nn.Module:
@@ -111,7 +111,7 @@ def test_auto_falls_back_to_low_memory_when_the_estimate_does_not_fit(tiny, comf
 
 
 def test_a_unet_without_forgedits_blocks_is_refused_before_training(tiny, comfy):
-    from tiny_sd15 import sd15_unet_config
+    from tiny_models import sd15_unet_config
 
     config = {**sd15_unet_config(), "channel_mult": [1], "num_res_blocks": [1], "transformer_depth": [1, 1],
               "transformer_depth_output": [1, 1]}

@@ -9,7 +9,7 @@ import transformers
 from conftest import run_node
 from forgedit_ops.image_features import CLIP_MEAN, CLIP_STD, reference_clip_preprocess
 from safetensors.torch import save_file
-from tiny_sd15 import sample_image
+from tiny_models import sample_image
 
 WIDTH = 32
 

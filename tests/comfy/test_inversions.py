@@ -12,7 +12,7 @@ INVERT = dict(source_prompt="a red disc on a blue gradient", width=64, height=64
 @pytest.fixture(scope="module")
 def scene(tiny, comfy):
     """The tiny MODEL/CLIP/VAE, a 160x128 photo and a tiny ViT-B/16-shaped image encoder of the text width."""
-    from tiny_sd15 import init_weights, sample_image
+    from tiny_models import init_weights, sample_image
 
     encoder = comfy.pack.nodes.image_encoder
     config = encoder.vit_config({encoder.PATCH: torch.zeros(32, 3, 16, 16), encoder.FC1: torch.zeros(64, 32),

@@ -111,7 +111,7 @@ def test_empty_taus_take_the_inversion_kinds_defaults(scene, inversions):
 
 
 def test_a_clip_of_another_width_is_named(scene, inversions):
-    from tiny_sd15 import tiny_clip
+    from tiny_models import tiny_clip
 
     with torch.inference_mode():
         wide = tiny_clip(width=48)

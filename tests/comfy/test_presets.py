@@ -4,7 +4,7 @@ import comfy.model_management
 import pytest
 import torch
 from conftest import run_node
-from tiny_sd15 import sample_image, tiny_clip, tiny_model, tiny_vae
+from tiny_models import sample_image, tiny_clip, tiny_model, tiny_vae
 
 SETTINGS = dict(source_prompt="a red disc", width=64, height=64, samples=40, batch_size=10, unet_lr=6e-5, text_lr=1e-3,
                 seed=0, early_stop=False)

@@ -16,10 +16,11 @@ import urllib.error
 import pytest
 from find_comfyui import PACK, comfyui_path
 from PIL import Image
+from safetensors import safe_open
 from servers import (  # noqa: F401  the fixtures too (alexnet ... server): pytest finds them by name in this module
-    CHECKPOINT, CLIP_VISION, IMAGES, SCORE_CLIP, SERVER_ARGS, SMALL, WORKFLOWS, Server, add_model, alexnet, blip_root,
-    checkpoint, clip_vision, load_workflow, models, object_info, photos, pngs, prepare_base, run, run_cli, run_small,
-    score_clip, server, wait_until)
+    CHECKPOINT, CLIP_VISION, IMAGES, SCORE_CLIP, SD2_CHECKPOINT, SERVER_ARGS, SMALL, WORKFLOWS, Server, add_model, alexnet,
+    blip_root, checkpoint, clip_vision, load_workflow, models, object_info, photos, pngs, prepare_base, run, run_cli,
+    run_small, score_clip, sd2_checkpoint, server, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,20 @@ def test_reedit_workflow_runs_without_retraining(vanilla_run, server, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
     assert len(pngs(tmp_path)) == IMAGES["forgedit_reedit_saved"]
     assert "ForgeditFinetune" not in done.stdout and "(ForgeditLoad)" in done.stdout
+
+
+def test_vanilla_workflow_runs_on_an_sd2_v_checkpoint(vanilla_run, server, sd2_checkpoint, photos, tmp_path):
+    add_model(server, f"models/checkpoints/{SD2_CHECKPOINT}", sd2_checkpoint)
+    done = run_small(server, "forgedit_vanilla", tmp_path, "--checkpoint", SD2_CHECKPOINT, image=photos[0])
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    assert len(pngs(tmp_path)) == IMAGES["forgedit_vanilla"]
+    assert "Forgedit Fine-tune: step 2/2" in done.stdout
+    assert all(Image.open(p).size == (64, 64) for p in pngs(tmp_path) if "edit" in p.name)
+    saved = server.base / "models" / "forgedit" / "forgedit_00002_.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        header = f.metadata()
+        assert f.get_slice("source_embedding").get_shape() == [1, 77, 1024]
+    assert json.loads(header["prediction"]) == "v" and json.loads(header["method"]) == "forgedit"
 
 
 def test_single_gamma_ksampler_workflow_runs(server, photos, tmp_path):
@@ -222,7 +237,7 @@ BAD = {
                            ["a model file the workflow names is missing (nothing was queued)",
                             "node 1 'Load Checkpoint' (CheckpointLoaderSimple), input ckpt_name: no file "
                             "'nope.safetensors' in ", "models/checkpoints on http://127.0.0.1:",
-                            f"(it has: {CHECKPOINT})"]),
+                            f"(it has: {CHECKPOINT}"]),  # and the SD 2.x checkpoint once its test ran
     "malformed gammas": (["--set", "ForgeditInterpolate.gammas=0.5, abc"],
                          ["(ForgeditInterpolate), input gammas: Custom validation failed for node: gammas - gammas: "
                           "cannot read 'abc'"]),

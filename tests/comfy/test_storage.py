@@ -9,7 +9,7 @@ import torch
 from conftest import FINETUNE, assert_base_untouched, run_node
 from forgedit_ops.storage import cache_key, load_result, lora_key, metadata_header
 from safetensors.torch import save_file
-from tiny_sd15 import tiny_model
+from tiny_models import tiny_model
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""Tiny but real SD1.5-layout MODEL / CLIP / VAE built in-process with ComfyUI's own classes (seeded random weights)."""
+"""Tiny but real SD1.5- and SD2-layout MODEL / CLIP / VAE built in-process with ComfyUI's own classes (seeded random
+weights)."""
 import comfy.ldm.models.autoencoder
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
+import comfy.text_encoders.sd2_clip
 import torch
 from torch import nn
 
@@ -37,10 +40,31 @@ def sd15_unet_config(width: int = 32, context: int = 32) -> dict:
             "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
+def sd2_unet_config(width: int = 32, context: int = 32) -> dict:
+    """What comfy.model_detection returns for SD 2.x (linear projections around each transformer), at another width."""
+    return sd15_unet_config(width, context) | {"use_linear_in_transformer": True}
+
+
 def tiny_model(width: int = 32, context: int = 32, seed: int = 0, perturb_norms: bool = False, config_cls=None):
     config = (config_cls or comfy.supported_models.SD15)(sd15_unet_config(width, context))
+    return _patcher(config, comfy.model_base.ModelType.EPS, seed, perturb_norms)
+
+
+def tiny_sd2_model(width: int = 32, context: int = 32, seed: int = 0, perturb_norms: bool = False,
+                   prediction: str = "v"):
+    """An SD 2.x-layout MODEL (ComfyUI's SD20 config) predicting v (the 768-v models) or eps (the 512 base models)."""
+    config = comfy.supported_models.SD20(sd2_unet_config(width, context))
+    config.unet_config["num_head_channels"] = SD2_HEAD_CHANNELS
+    model_type = {"v": comfy.model_base.ModelType.V_PREDICTION, "eps": comfy.model_base.ModelType.EPS}[prediction]
+    return _patcher(config, model_type, seed, perturb_norms)
+
+
+SD2_HEAD_CHANNELS = 16  # SD 2.x's heads are 64 channels wide whatever the level; the tiny width scales them down
+
+
+def _patcher(config, model_type, seed: int, perturb_norms: bool):
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
+    model = comfy.model_base.BaseModel(config, model_type=model_type, device=torch.device("cpu"))
     init_weights(model.diffusion_model, seed, perturb_norms)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
@@ -50,6 +74,17 @@ def tiny_clip(width: int = 32, seed: int = 1):
     options = {"clip_l_model_config": {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
                                        "num_hidden_layers": 2, "projection_dim": width}, "dtype": torch.float32}
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options=options)
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_sd2_clip(width: int = 32, seed: int = 1, layers: int = 3):
+    """ComfyUI's SD 2.x text encoder (OpenCLIP-H layout, read at the penultimate layer, padded with 0), tiny."""
+    options = {"clip_h_model_config": {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
+                                       "num_hidden_layers": layers, "projection_dim": width}, "dtype": torch.float32}
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd2_clip.SD2Tokenizer,
+                                                    comfy.text_encoders.sd2_clip.SD2ClipModel)
     clip = comfy.sd.CLIP(target, model_options=options)
     init_weights(clip.cond_stage_model, seed)
     return clip
