@@ -32,8 +32,10 @@ def dreambooth_v(tiny_v):
     return result, clip, base_clip
 
 
-def test_the_fine_tunes_train_the_v_objective(tiny_v, finetuned_v):
-    imagic, = run_node("ForgeditImagic", **inputs(tiny_v, **IMAGIC))
+def test_the_fine_tunes_train_the_v_objective(tiny_v, finetuned_v, caplog):
+    with caplog.at_level(logging.WARNING):
+        imagic, = run_node("ForgeditImagic", **inputs(tiny_v, **IMAGIC))
+    assert "SD 2.x v-prediction model was trained at 768x768; 64x64 fine-tunes and samples worse" in caplog.text
     for result, method, tensors in [(finetuned_v, "forgedit", 518), (imagic, "imagic", 686)]:
         assert result.metadata["method"] == method and result.metadata["prediction"] == "v"
         assert len(result.deltas) == tensors and result.source_embedding.shape == (1, 77, 32)
@@ -127,11 +129,13 @@ def test_a_patched_sampling_is_refused(tiny_v, sampling):
         run_node("ForgeditFinetune", **{**inputs(tiny_v, **FINETUNE), "model": patched})
 
 
-def test_an_sd1_model_sampled_as_v_trains_v(tiny):
+def test_an_sd1_model_sampled_as_v_trains_v(tiny, caplog):
     vpred, = run_node("ModelSamplingDiscrete", model=tiny["model"], sampling="v_prediction", zsnr=False)
     result, = run_node("ForgeditFinetune", **inputs(tiny, **{**FINETUNE, "samples": 4}))
-    v_result, = run_node("ForgeditFinetune", **{**inputs(tiny, **{**FINETUNE, "samples": 4}), "model": vpred})
+    with caplog.at_level(logging.WARNING):
+        v_result, = run_node("ForgeditFinetune", **{**inputs(tiny, **{**FINETUNE, "samples": 4}), "model": vpred})
     assert (result.metadata["prediction"], v_result.metadata["prediction"]) == ("eps", "v")
+    assert "768x768" not in caplog.text  # SD 1.x v fine-tunes are 512 models
     assert v_result.metadata["losses"] != result.metadata["losses"]
 
 
