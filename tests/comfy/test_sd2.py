@@ -73,6 +73,10 @@ def test_save_load_forget_sweep_and_lora_export_carry_over(tiny_v, finetuned_v, 
     assert loaded.metadata["prediction"] == "v"
     assert all(torch.equal(loaded.deltas[k], d) for k, d in finetuned_v.deltas.items())
     target, = run_node("CLIPTextEncode", clip=tiny_v["clip"], text="a blue square")
+    conditioning, = run_node("ForgeditInterpolate", result=loaded, target=target, mode="vs", gammas="0.5, 1.0",
+                             alphas="0.7")
+    assert conditioning[0][0].shape == (2, 77, 32)
+    assert torch.allclose(conditioning[0][0][1], target[0][0][0])
     edited, = run_node("ForgeditForget", model=tiny_v["model"], result=loaded, strategy="encoderattn", degree=0.0)
     latent, images, _, _ = run_node("ForgeditSampler", model=edited, result=loaded, target=target, vae=tiny_v["vae"],
                                     mode="vp", gammas="0.5, 1.0", alphas="0.7", seeds="0", steps=3, cfg=7.5,
@@ -137,6 +141,15 @@ def test_an_sd1_model_sampled_as_v_trains_v(tiny, caplog):
     assert (result.metadata["prediction"], v_result.metadata["prediction"]) == ("eps", "v")
     assert "768x768" not in caplog.text  # SD 1.x v fine-tunes are 512 models
     assert v_result.metadata["losses"] != result.metadata["losses"]
+
+
+def test_an_sd2_512_base_model_trains_eps(tiny_v):
+    from tiny_models import tiny_sd2_model
+
+    with torch.inference_mode():
+        base = tiny_sd2_model(prediction="eps")
+    result, = run_node("ForgeditFinetune", **{**inputs(tiny_v, **{**FINETUNE, "samples": 4}), "model": base})
+    assert result.metadata["prediction"] == "eps" and len(result.deltas) == 518
 
 
 @pytest.mark.parametrize("node", ["ForgeditDDIMInversion", "ForgeditNullTextInversion"])
