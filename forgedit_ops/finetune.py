@@ -118,8 +118,8 @@ def denoising_loop(unet: Callable, groups: list[dict], context: Callable[[], tor
                    callback: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Forgedit §3 / Imagic §3 loop: one Adam over `groups`; each step B copies of the one latent z0 with their own noise
     and timestep, conditioned on context() (1, 77, C); MSE of unet(x_t, t, c) to ε, or to v for a v-prediction model
-    (cfg.prediction). Returns the loss per applied step (an fp16 step whose gradients overflow is skipped). Micro-batches accumulate the same gradient as the whole batch; compute runs under
-    autocast in cfg.precision."""
+    (cfg.prediction). Returns the loss per applied step (an fp16 step whose gradients overflow is skipped).
+    Micro-batches accumulate the same gradient as the whole batch; compute runs under autocast in cfg.precision."""
     device = z0.device
     micro = cfg.micro_batch or cfg.batch_size
     if cfg.fused_step and micro < cfg.batch_size:

@@ -25,7 +25,8 @@ def sdpa_on_cpu(model):
 # The checkpoint families Forgedit fine-tunes, by ComfyUI's exact model config class: a subclass (SD 2 unCLIP, Lotus,
 # instruct-pix2pix, the x4 upscaler) conditions its UNet on more than a latent and a text.
 FAMILIES = {comfy.supported_models.SD15: "SD 1.x", comfy.supported_models.SD20: "SD 2.x"}
-PREDICTIONS = {comfy.model_sampling.EPS.calculate_denoised: "eps", comfy.model_sampling.V_PREDICTION.calculate_denoised: "v"}
+PREDICTIONS = {comfy.model_sampling.EPS.calculate_denoised: "eps",
+               comfy.model_sampling.V_PREDICTION.calculate_denoised: "v"}
 
 
 def prediction_type(model) -> str:

@@ -27,8 +27,8 @@ from .training_inputs import WIDGETS
 @dataclass
 class TrainingCopy:
     """A trainable copy of the MODEL's UNet: unet(x, t, c[, transformer_options]) (its raw output, ε or v), the
-    transformer_options it runs with by default, its fp32 master parameters, ᾱ, the device, the per-step tick (progress, Cancel) and the loaded
-    base UNet the deltas are taken against."""
+    transformer_options it runs with by default, its fp32 master parameters, ᾱ, the device, the per-step tick
+    (progress, Cancel) and the loaded base UNet the deltas are taken against."""
     unet: Callable
     options: dict
     params: dict
