@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from .storage import DTYPES, MARKER as RESULT_MARKER, metadata_header, read_header, write
+from .storage import (DTYPES, INVERSION_MARKER as MARKER, MARKER as RESULT_MARKER, header_metadata, metadata_header,
+                      read_header, write)
 
 KINDS = ("ddim", "nulltext", "stylediffusion")
-MARKER = "forgedit.p2p_inversion"
 FORMAT = "1"
 
 
@@ -75,7 +75,7 @@ def load_inversion(path: str) -> P2PInversion:
     if header[MARKER] != FORMAT:
         raise ValueError(f"{path} is inversion format {header[MARKER]}, this pack reads format {FORMAT}: update the pack")
     tensors = {k: t.float() for k, t in load_file(path).items()}
-    metadata = {k: json.loads(v) for k, v in header.items() if not k.startswith("forgedit.")}
+    metadata = header_metadata(header)
     return P2PInversion(metadata.pop("kind"), tensors["x_T"], tensors["source_embedding"], tensors["uncond_embedding"],
                         metadata, tensors.get("null_embeddings"), tensors.get("image_features"),
                         split_mapping(tensors), tensors.get("reconstruction"))

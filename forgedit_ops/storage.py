@@ -19,6 +19,7 @@ from .result import ForgeditResult
 FORMAT = "1"
 MARKER = "forgedit.format"
 LORA_MARKER = "forgedit.lora"
+INVERSION_MARKER = "forgedit.p2p_inversion"  # forgedit_ops.p2p_inversion's files
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,6 +42,11 @@ def save_result(result: ForgeditResult, path: str, dtype: str = "fp16", version:
     write(tensors, path, metadata_header(result.metadata, format=FORMAT, version=version, deltas_dtype=dtype))
 
 
+def header_metadata(header: dict[str, str]) -> dict:
+    """The metadata entries of a header written by metadata_header, decoded (the `forgedit.*` markers left out)."""
+    return {k: json.loads(v) for k, v in header.items() if not k.startswith("forgedit.")}
+
+
 def read_header(path: str) -> dict[str, str]:
     """The header of a safetensors file; a truncated or foreign file gives a ValueError that names it."""
     try:
@@ -59,7 +65,7 @@ def load_result(path: str) -> ForgeditResult:
     if LORA_MARKER in header:
         raise ValueError(f"{path} is a Forgedit LoRA export (the UNet delta only): apply it with LoraLoaderModelOnly; "
                          "Forgedit Load reads the files of Forgedit Save")
-    if "forgedit.p2p_inversion" in header:
+    if INVERSION_MARKER in header:
         raise ValueError(f"{path} is a Forgedit inversion (P2P_INVERSION): load it with Forgedit Inversion Load; "
                          "Forgedit Load reads the files of Forgedit Save")
     if MARKER not in header:
@@ -70,8 +76,8 @@ def load_result(path: str) -> ForgeditResult:
     tensors = load_file(path)
     deltas, text_deltas = ({k.removeprefix(prefix): t.float() for k, t in tensors.items() if k.startswith(prefix)}
                            for prefix in ("delta.", "text_delta."))
-    metadata = {k: json.loads(v) for k, v in header.items() if not k.startswith("forgedit.")}
-    return ForgeditResult(deltas, tensors["source_embedding"], tensors["uncond_embedding"], metadata, text_deltas)
+    return ForgeditResult(deltas, tensors["source_embedding"], tensors["uncond_embedding"], header_metadata(header),
+                          text_deltas)
 
 
 def lora_key(key: str) -> str:
