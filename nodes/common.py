@@ -29,33 +29,43 @@ PREDICTIONS = {comfy.model_sampling.EPS.calculate_denoised: "eps",
                comfy.model_sampling.V_PREDICTION.calculate_denoised: "v"}
 
 
+def family(model):
+    """"SD 1.x" or "SD 2.x" for a text-to-image checkpoint of those families (4 latent channels in), else None."""
+    config = model.model.model_config
+    return FAMILIES.get(type(config)) if config.unet_config.get("in_channels") == 4 else None
+
+
+def sampled_prediction(model):
+    """"eps" or "v" when the MODEL samples a discrete schedule predicting that, else None (LCM, x0, EDM, ...)."""
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        return None
+    return PREDICTIONS.get(type(sampling).calculate_denoised)
+
+
 def prediction_type(model) -> str:
     """What the UNet of an SD 1.x / 2.x MODEL predicts, "eps" or "v" (Salimans & Ho 2022, §4), as its sampling says;
     any other family or sampling gets an actionable error."""
-    config = model.model.model_config
-    if type(config) not in FAMILIES or config.unet_config.get("in_channels") != 4:
+    if family(model) is None:
         raise ValueError(f"Forgedit fine-tunes SD 1.x and SD 2.x text-to-image checkpoints (SD 1.4/1.5, SD 2.0/2.1 512 "
-                         f"and 768-v, and fine-tunes of them); this MODEL is {type(config).__name__}, which is not one "
-                         "(SDXL, SD 2 unCLIP, inpainting and other models are not supported). Load one with Load "
-                         "Checkpoint.")
-    sampling = model.get_model_object("model_sampling")
-    prediction = PREDICTIONS.get(type(sampling).calculate_denoised)
-    if prediction is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+                         f"and 768-v, and fine-tunes of them); this MODEL is {type(model.model.model_config).__name__}, "
+                         "which is not one (SDXL, SD 2 unCLIP, inpainting and other models are not supported). Load "
+                         "one with Load Checkpoint.")
+    prediction = sampled_prediction(model)
+    if prediction is None:
         raise ValueError("Forgedit needs an ε- or v-prediction model with a discrete schedule; this MODEL samples with "
-                         f"{type(sampling).__name__} (a patched sampling: LCM, x0, EDM or continuous). Remove the "
-                         "ModelSampling node, or set it to eps or v_prediction.")
+                         f"{type(model.get_model_object('model_sampling')).__name__} (a patched sampling: LCM, x0, EDM "
+                         "or continuous). Remove the ModelSampling node, or set it to eps or v_prediction.")
     return prediction
 
 
 def require_sd1_eps(model) -> None:
     """The inversions and P2P edit SD 1.x ε-prediction UNets (StyleDiffusion and null-text inversion use SD 1.4/1.5)."""
-    config, sampling = model.model.model_config, model.get_model_object("model_sampling")
-    if (type(config) is not comfy.supported_models.SD15 or config.unet_config.get("in_channels") != 4
-            or PREDICTIONS.get(type(sampling).calculate_denoised) != "eps"
-            or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)):
+    if family(model) != "SD 1.x" or sampled_prediction(model) != "eps":
         raise ValueError("the inversions and P2P / P2Plus editing run on SD 1.x ε-prediction checkpoints (the papers' "
-                         f"SD 1.4 / 1.5); this MODEL is {type(config).__name__} sampled by {type(sampling).__name__}. "
-                         "Load an SD 1.x checkpoint with Load Checkpoint, with no ModelSampling node after it.")
+                         f"SD 1.4 / 1.5); this MODEL is {type(model.model.model_config).__name__} sampled by "
+                         f"{type(model.get_model_object('model_sampling')).__name__}. Load an SD 1.x checkpoint with "
+                         "Load Checkpoint, with no ModelSampling node after it.")
 
 
 def require_one_image(image) -> None:

@@ -17,7 +17,7 @@ from ..forgedit_ops.images import stretch_resize
 from ..forgedit_ops.precision import RunSize, choose_options
 from ..forgedit_ops.result import ForgeditResult
 from ..forgedit_ops.schedule import alphas_cumprod
-from .common import FAMILIES, encode_prompt, prediction_type, require_one_image, unet_fingerprint
+from .common import encode_prompt, family, prediction_type, require_one_image, unet_fingerprint
 from .host import RUNTIME_HANDLES, free_memory, low_precision, materialized, sdpa_transformer_options
 from .storage import cached_or_trained
 from .text_encoder import trainable_text_encoder
@@ -180,7 +180,7 @@ def require_trainable(model, method: Method) -> str:
 
 def warn_below_native_size(model, prediction: str, width: int, height: int) -> None:
     """SD 2.x v-prediction checkpoints (2.0-v, 2.1-v) learned at 768²: smaller sizes fine-tune and sample worse."""
-    if prediction == "v" and FAMILIES.get(type(model.model.model_config)) == "SD 2.x" and min(width, height) < 768:
+    if prediction == "v" and family(model) == "SD 2.x" and min(width, height) < 768:
         logging.warning("Forgedit: this SD 2.x v-prediction model was trained at 768x768; %dx%d fine-tunes and samples "
                         "worse: set width and height to 768", width, height)
 
