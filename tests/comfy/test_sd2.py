@@ -6,7 +6,6 @@ through the vanilla workflow: test_runner.py.)"""
 import logging
 
 import comfy.model_management
-import comfy.model_patcher
 import pytest
 import torch
 from conftest import FINETUNE, assert_base_untouched, run_node
@@ -94,19 +93,6 @@ def test_save_load_forget_sweep_and_lora_export_carry_over(tiny_v, finetuned_v, 
     assert_base_untouched(tiny_v)
 
 
-def other_model(config_cls, unet_config: dict, model_type=None):
-    import comfy.model_base
-    from tiny_models import init_weights
-
-    config = config_cls(unet_config)
-    config.unet_config["num_head_channels"] = 16
-    config.set_inference_dtype(torch.float32, None)
-    model = comfy.model_base.BaseModel(config, model_type=model_type or comfy.model_base.ModelType.EPS,
-                                       device=torch.device("cpu"))
-    init_weights(model.diffusion_model, 0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-
 # What each family's UNet takes besides SD 2.x's: the unCLIP image embedding, Lotus' task vector, inpainting's mask.
 OTHER_FAMILIES = {"SD21UnclipH": {"adm_in_channels": 2048, "num_classes": "sequential"},
                   "LotusD": {"adm_in_channels": 4, "num_classes": "sequential"}, "SD20": {"in_channels": 9}}
@@ -115,12 +101,11 @@ OTHER_FAMILIES = {"SD21UnclipH": {"adm_in_channels": 2048, "num_classes": "seque
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_other_sd2_derived_families_are_refused_by_name(tiny_v, family):
     import comfy.supported_models
-    from tiny_models import sd2_unet_config
+    from tiny_models import tiny_sd2_model
 
     config_cls = getattr(comfy.supported_models, family)
-    unet_config = sd2_unet_config() | OTHER_FAMILIES[family]
     with torch.inference_mode():
-        model = other_model(config_cls, unet_config)
+        model = tiny_sd2_model(prediction="eps", config_cls=config_cls, extra=OTHER_FAMILIES[family])
     with pytest.raises(ValueError, match=f"SD 1.x and SD 2.x text-to-image checkpoints.*this MODEL is "
                                          f"{config_cls.__name__}.*SD 2 unCLIP"):
         run_node("ForgeditFinetune", **{**inputs(tiny_v, **FINETUNE), "model": model})

@@ -45,21 +45,22 @@ def sd2_unet_config(width: int = 32, context: int = 32) -> dict:
     return sd15_unet_config(width, context) | {"use_linear_in_transformer": True}
 
 
-def tiny_model(width: int = 32, context: int = 32, seed: int = 0, perturb_norms: bool = False, config_cls=None):
-    config = (config_cls or comfy.supported_models.SD15)(sd15_unet_config(width, context))
+def tiny_model(width: int = 32, context: int = 32, seed: int = 0, perturb_norms: bool = False):
+    config = comfy.supported_models.SD15(sd15_unet_config(width, context))
     return _patcher(config, comfy.model_base.ModelType.EPS, seed, perturb_norms)
 
 
+SD2_HEAD_CHANNELS = 16  # SD 2.x's heads are 64 channels wide whatever the level; the tiny width scales them down
+
+
 def tiny_sd2_model(width: int = 32, context: int = 32, seed: int = 0, perturb_norms: bool = False,
-                   prediction: str = "v"):
-    """An SD 2.x-layout MODEL (ComfyUI's SD20 config) predicting v (the 768-v models) or eps (the 512 base models)."""
-    config = comfy.supported_models.SD20(sd2_unet_config(width, context))
+                   prediction: str = "v", config_cls=None, extra=None):
+    """An SD 2.x-layout MODEL (ComfyUI's SD20 config, or `config_cls` derived from it, with `extra` UNet settings)
+    predicting v (the 768-v models) or eps (the 512 base models)."""
+    config = (config_cls or comfy.supported_models.SD20)(sd2_unet_config(width, context) | (extra or {}))
     config.unet_config["num_head_channels"] = SD2_HEAD_CHANNELS
     model_type = {"v": comfy.model_base.ModelType.V_PREDICTION, "eps": comfy.model_base.ModelType.EPS}[prediction]
     return _patcher(config, model_type, seed, perturb_norms)
-
-
-SD2_HEAD_CHANNELS = 16  # SD 2.x's heads are 64 channels wide whatever the level; the tiny width scales them down
 
 
 def _patcher(config, model_type, seed: int, perturb_norms: bool):
